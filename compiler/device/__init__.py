@@ -1,0 +1,1 @@
+"""On-device helpers shipped in infc build kits."""

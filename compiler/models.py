@@ -1,0 +1,283 @@
+"""Model frontend: zoo names, families, default input shapes, weights.
+
+Names come from GluonCV's model zoo and MXNet's `gluon.model_zoo.vision`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import hashlib
+import io
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import MissingDependency, UnsupportedModel, UserError
+from .mxnet_env import gluoncv, mxnet
+
+FAMILIES = ("classification", "segmentation", "detection", "pose", "action", "depth", "tracking")
+
+_FAMILY_PATTERNS = (
+    ("segmentation", r"^(fcn|psp|deeplab|icnet|danet|fastscnn)_|^hrnet_.*_s$"),
+    ("detection", r"^(ssd|yolo3|faster_rcnn|mask_rcnn|center_net|doublehead_rcnn|custom_faster_rcnn|custom_mask_rcnn)_?"),
+    ("pose", r"^(simple_pose|alpha_pose|mobile_pose)_"),
+    ("action", r"^(i3d|slowfast|c3d|p3d|r2plus1d)_|_(ucf101|hmdb51|kinetics400|kinetics700|sthsthv2)(_int8)?$|_v1b_custom$"),
+    ("depth", r"^monodepth2_"),
+    ("tracking", r"^siamrpn_"),
+)
+
+# Video networks whose input is (N, C, T, H, W).
+_VIDEO_3D = r"^(i3d|slowfast|c3d|p3d|r2plus1d)_"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    family: str
+    source: str  # "gluoncv" or "mxnet.vision"
+    default_input_shape: tuple[int, ...]
+
+
+def family_of(name: str) -> str:
+    for family, pattern in _FAMILY_PATTERNS:
+        if re.search(pattern, name):
+            return family
+    return "classification"
+
+
+def default_input_shape(name: str, family: str) -> tuple[int, ...]:
+    """Per-family defaults, refined where an architecture fixes its own size."""
+    if family == "classification":
+        if name.startswith("cifar_"):
+            return (1, 3, 32, 32)
+        if "inception" in name or name.startswith("xception"):
+            return (1, 3, 299, 299)
+        if name == "nasnet_6_4032":
+            return (1, 3, 331, 331)
+        return (1, 3, 224, 224)
+    if family == "segmentation":
+        return (1, 3, 480, 480)
+    if family == "detection":
+        if name.startswith("ssd_300"):
+            return (1, 3, 300, 300)
+        if name.startswith("yolo3_"):
+            return (1, 3, 416, 416)
+        return (1, 3, 512, 512)
+    if family == "pose":
+        return (1, 3, 320, 256) if name.startswith("alpha_pose") else (1, 3, 256, 192)
+    if family == "action":
+        if name.startswith("c3d_"):
+            return (1, 3, 16, 112, 112)
+        if re.search(_VIDEO_3D, name):
+            return (1, 3, 32, 224, 224)
+        return (1, 3, 299, 299) if "inception" in name else (1, 3, 224, 224)
+    if family == "depth":
+        return (1, 3, 192, 640)
+    return (1, 3, 224, 224)
+
+
+def _vision_names() -> list[str]:
+    """MXNet's own zoo has no public list: its error message is the list."""
+    mx = mxnet()
+    try:
+        mx.gluon.model_zoo.vision.get_model("\0")
+    except ValueError as exc:
+        return [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
+    return []
+
+
+def list_models(family: str | None = None) -> list[ModelInfo]:
+    if family is not None and family not in FAMILIES:
+        close = difflib.get_close_matches(family, FAMILIES, n=1)
+        raise UserError(f"unknown family '{family}'",
+                        f"did you mean '{close[0]}'?" if close else f"use one of {', '.join(FAMILIES)}")
+    seen: dict[str, ModelInfo] = {}
+    for source, names in (("gluoncv", gluoncv().model_zoo.get_model_list()), ("mxnet.vision", _vision_names())):
+        for name in names:
+            if name not in seen:
+                fam = family_of(name)
+                seen[name] = ModelInfo(name, fam, source, default_input_shape(name, fam))
+    infos = sorted(seen.values(), key=lambda m: (FAMILIES.index(m.family), m.name))
+    return [m for m in infos if family is None or m.family == family]
+
+
+def resolve_model(name: str) -> ModelInfo:
+    models = {m.name: m for m in list_models()}
+    if name in models:
+        return models[name]
+    lowered = {k.lower(): v for k, v in models.items()}
+    if name.lower() in lowered:
+        return lowered[name.lower()]
+    close = difflib.get_close_matches(name, list(models), n=3, cutoff=0.6)
+    fix = f"did you mean {', '.join(close)}?" if close else "run `infc models` for the list"
+    raise UserError(f"unknown model '{name}'", fix)
+
+
+def parse_input_shape(text: str) -> tuple[int, ...]:
+    """'1x3x480x480' -> (1, 3, 480, 480)."""
+    parts = text.lower().replace("×", "x").split("x")
+    try:
+        dims = tuple(int(p) for p in parts)
+    except ValueError:
+        dims = ()
+    if len(dims) < 2 or any(d <= 0 for d in dims):
+        raise UserError(f"bad --input-shape '{text}'",
+                        "write positive dimensions joined by x, e.g. 1x3x480x480")
+    return dims
+
+
+# --- weights -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class WeightsRequest:
+    """Where parameters come from: 'pretrained' (model store), 'file' or 'random'."""
+    kind: str = "pretrained"
+    path: Path | None = None
+    seed: int = 0
+
+
+@dataclass
+class LoadedModel:
+    info: ModelInfo
+    net: object
+    weights: dict  # source, path, sha256, ...
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def model_store_root() -> Path:
+    mx = mxnet()
+    return Path(os.environ.get("MXNET_HOME") or mx.base.data_dir()).expanduser() / "models"
+
+
+def _construct(info: ModelInfo):
+    """Build the architecture without fetching anything."""
+    if re.search(r"_int8$", info.name):
+        raise UnsupportedModel(
+            f"'{info.name}' is a pre-quantized zoo graph, not a trainable architecture",
+            f"compile '{info.name[:-5]}' with --precision int8 instead")
+    if info.source == "mxnet.vision":
+        return mxnet().gluon.model_zoo.vision.get_model(info.name, pretrained=False)
+    get_model = gluoncv().model_zoo.get_model
+    # Many GluonCV constructors download a backbone unless told not to; the
+    # others reject the keyword.
+    try:
+        return get_model(info.name, pretrained=False, pretrained_base=False)
+    except TypeError as exc:
+        if "pretrained_base" not in str(exc):
+            raise
+    return get_model(info.name, pretrained=False)
+
+
+def _pretrained_file(info: ModelInfo) -> Path:
+    root = model_store_root()
+    if info.source == "mxnet.vision":
+        fetch = mxnet().gluon.model_zoo.model_store.get_model_file
+    else:
+        fetch = gluoncv().model_zoo.model_store.get_model_file
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            return Path(fetch(info.name, root=str(root)))
+    except ValueError:
+        raise UserError(f"the model store has no pretrained weights for '{info.name}'",
+                        "pass --weights FILE or --random-init") from None
+    except OSError as exc:  # requests' errors derive from OSError
+        raise MissingDependency(
+            f"pretrained weights for '{info.name}' are not in {root} and cannot be downloaded "
+            f"({type(exc).__name__})",
+            "pass --weights FILE (a Gluon .params file), set MXNET_HOME to a store that has them, "
+            "or use --random-init") from None
+
+
+def _load_params(net, path: Path, name: str) -> None:
+    mx = mxnet()
+    if not path.is_file():
+        raise UserError(f"weights file {path} does not exist", "check the --weights path")
+    try:
+        net.load_parameters(str(path), ctx=mx.cpu(), allow_missing=False, ignore_extra=False)
+    except (mx.base.MXNetError, AssertionError, ValueError, OSError, RuntimeError) as exc:
+        first = " ".join(str(exc).split())[:200]
+        raise UserError(f"weights file {path} does not fit model '{name}': {first}",
+                        "pass the Gluon save_parameters() file of this exact architecture") from None
+
+
+def _calibrate_batchnorm(net, sample) -> None:
+    """Set BatchNorm statistics from one batch, as training would have.
+
+    Random weights with unit running variance make activations grow through
+    deep residual stacks until FP16 overflows; a trained network does not
+    behave that way, so a random-init build would test the wrong thing.
+    """
+    mx = mxnet()
+    batchnorms = []
+
+    def collect(block):
+        if isinstance(block, mx.gluon.nn.BatchNorm) and "momentum" in block._kwargs:
+            batchnorms.append(block)
+
+    net.apply(collect)
+    saved = [bn._kwargs["momentum"] for bn in batchnorms]
+    for bn in batchnorms:
+        bn._kwargs["momentum"] = 0.0
+    try:
+        with mx.autograd.train_mode():
+            net(sample)
+    finally:
+        for bn, momentum in zip(batchnorms, saved):
+            bn._kwargs["momentum"] = momentum
+
+
+def load_model(info: ModelInfo, weights: WeightsRequest, input_shape: tuple[int, ...]) -> LoadedModel:
+    mx = mxnet()
+    try:
+        net = _construct(info)
+    except (UnsupportedModel, UserError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - constructors raise anything
+        raise UnsupportedModel(f"GluonCV cannot construct '{info.name}' offline: "
+                               f"{' '.join(str(exc).split())[:160]}", "pick another model") from None
+    sample = mx.nd.array(reference_input(input_shape, weights.seed))
+    if weights.kind == "random":
+        mx.random.seed(weights.seed)
+        net.collect_params().initialize(mx.init.Xavier(magnitude=2.0), ctx=mx.cpu(), force_reinit=True)
+        _forward_checked(net, sample, info.name, input_shape)
+        _calibrate_batchnorm(net, sample)
+        with tempfile.TemporaryDirectory() as tmp:
+            saved = Path(tmp) / "random.params"
+            net.save_parameters(str(saved))
+            digest = sha256_file(saved)
+        record = {"source": "random-init", "seed": weights.seed, "sha256": digest,
+                  "note": "random weights with BatchNorm statistics from the seeded input: structure-only build"}
+    else:
+        path = Path(weights.path) if weights.kind == "file" else _pretrained_file(info)
+        _load_params(net, path, info.name)
+        record = {"source": "file" if weights.kind == "file" else "model-store",
+                  "path": str(path.resolve()), "sha256": sha256_file(path)}
+        _forward_checked(net, sample, info.name, input_shape)
+    return LoadedModel(info=info, net=net, weights=record)
+
+
+def _forward_checked(net, sample, name: str, input_shape) -> None:
+    mx = mxnet()
+    try:
+        net(sample)
+    except mx.base.MXNetError as exc:
+        first = " ".join(str(exc).split("Stack trace")[0].split())[:200]
+        raise UserError(f"'{name}' cannot run on input shape {'x'.join(map(str, input_shape))}: {first}",
+                        "pass an --input-shape the architecture accepts") from None
+
+
+def reference_input(shape: tuple[int, ...], seed: int):
+    """The fixed input every verification runs on: seeded N(0, 1), like a normalized image."""
+    import numpy as np
+
+    return np.random.RandomState(seed).standard_normal(shape).astype("float32")

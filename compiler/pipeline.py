@@ -1,0 +1,451 @@
+"""`compile_model`: model + target spec -> a directory of verified artifacts.
+
+Stages run in a private staging directory next to the final one; only a build
+whose manifest has been written is moved into place, so an interrupted or
+failed build never disturbs the previous good one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+
+from . import __version__
+from .errors import MissingDependency, UserError, VerificationFailed
+from .manifest import (MANIFEST_NAME, SCHEMA_VERSION, ArtifactRecord, record_artifact, tool_versions,
+                       write_json_atomic)
+from .models import LoadedModel, ModelInfo, WeightsRequest, load_model, reference_input, resolve_model
+from .targets import TargetSpec
+from .verify import FAILED, NOT_RUN, PASSED, Check, compare_outputs
+
+
+@dataclass(frozen=True)
+class CompileSpec:
+    """Everything a build depends on besides the code."""
+    model: str
+    target: TargetSpec
+    out_dir: Path = Path("artifacts")
+    input_shape: tuple[int, ...] | None = None
+    batch: int | None = None
+    weights: WeightsRequest = WeightsRequest()
+    # Fail instead of deferring when the target's TensorRT engine cannot be built here.
+    require_engine: bool = False
+
+
+class Reporter(Protocol):
+    def stage_started(self, name: str, index: int, total: int) -> None: ...
+    def stage_finished(self, name: str, seconds: float, note: str) -> None: ...
+
+
+class SilentReporter:
+    def stage_started(self, name, index, total):
+        pass
+
+    def stage_finished(self, name, seconds, note):
+        pass
+
+
+@dataclass
+class BuildContext:
+    spec: CompileSpec
+    info: ModelInfo
+    input_shape: tuple[int, ...]
+    staging: Path
+    model: LoadedModel | None = None
+    input_names: list[str] = field(default_factory=lambda: ["data"])
+    output_names: list[str] = field(default_factory=list)
+    reference_inputs: list[np.ndarray] = field(default_factory=list)
+    reference_outputs: list[np.ndarray] = field(default_factory=list)
+    artifacts: list[ArtifactRecord] = field(default_factory=list)
+    checks: list[Check] = field(default_factory=list)
+    stages: list[dict] = field(default_factory=list)
+    keys: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def target(self) -> TargetSpec:
+        return self.spec.target
+
+    def add_artifact(self, relative: str, kind: str, fmt: str) -> ArtifactRecord:
+        record = record_artifact(self.staging, relative, kind, fmt)
+        self.artifacts = [a for a in self.artifacts if a.path != relative] + [record]
+        return record
+
+    def add_check(self, check: Check) -> Check:
+        self.checks.append(check)
+        return check
+
+    def path(self, relative: str) -> Path:
+        target = self.staging / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return target
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One pass: its name, the stage whose output it consumes, and what of the spec shapes it."""
+    name: str
+    parent: str | None
+    run: Callable[[BuildContext], str]
+    applies: Callable[[TargetSpec], bool] = lambda target: True
+    config: Callable[[BuildContext], dict] = lambda ctx: {}
+
+
+def stage_key(parent_key: str, stage: str, config: dict, target_hash: str) -> str:
+    """Content address of a stage's output: hash(parent, pass, config, target, infc version)."""
+    blob = json.dumps({"parent": parent_key, "stage": stage, "config": config, "target": target_hash,
+                       "infc": __version__}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+# --- stages ----------------------------------------------------------------------
+
+def _stage_load(ctx: BuildContext) -> str:
+    ctx.model = load_model(ctx.info, ctx.spec.weights, ctx.input_shape)
+    from .mxnet_env import mxnet
+    from .runner import as_output_list
+
+    mx = mxnet()
+    ctx.reference_inputs = [reference_input(ctx.input_shape, ctx.target.verify.seed)]
+    outputs = as_output_list(ctx.model.net(mx.nd.array(ctx.reference_inputs[0])))
+    ctx.reference_outputs = [o.asnumpy() for o in outputs]
+    ctx.output_names = [f"output{i}" for i in range(len(outputs))]
+    source = ctx.model.weights["source"]
+    return f"{source} weights, {len(outputs)} output(s) {', '.join('x'.join(map(str, o.shape)) for o in outputs)}"
+
+
+def _compare_mxnet(ctx: BuildContext, name: str, symbol: str, params: str) -> Check:
+    from .runner import load_mxnet, run_mxnet
+
+    started = time.perf_counter()
+    block = load_mxnet(ctx.staging / symbol, ctx.staging / params, ctx.input_names)
+    outputs = run_mxnet(block, ctx.reference_inputs)
+    verify = ctx.target.verify
+    comparison = compare_outputs(outputs, ctx.reference_outputs, ctx.output_names, verify.rtol, verify.atol)
+    check = Check.from_comparison("reload-parity", name, comparison)
+    check.seconds = time.perf_counter() - started
+    return ctx.add_check(check)
+
+
+def _export_mxnet(ctx: BuildContext, prefix: str, **hybridize) -> tuple[str, str]:
+    from .mxnet_env import mxnet
+
+    mx = mxnet()
+    net = ctx.model.net
+    net.hybridize(active=True, **hybridize)
+    net(mx.nd.array(ctx.reference_inputs[0]))
+    ctx.path(prefix)
+    net.export(str(ctx.staging / prefix))
+    return f"{prefix}-symbol.json", f"{prefix}-0000.params"
+
+
+def _symbol_output_names(symbol_path: Path) -> list[str]:
+    """Output names as the ONNX exporter will spell them (it drops MXNet's '_output' suffix)."""
+    graph = json.loads(symbol_path.read_text())
+    names = [graph["nodes"][head[0]]["name"] for head in graph["heads"]]
+    return names if len(set(names)) == len(names) else [f"{n}_{i}" for i, n in enumerate(names)]
+
+
+def _stage_mxnet_portable(ctx: BuildContext) -> str:
+    mxspec = ctx.target.mxnet
+    symbol, params = _export_mxnet(ctx, "mxnet/portable", static_alloc=mxspec.static_alloc,
+                                   static_shape=mxspec.static_shape)
+    ctx.add_artifact(symbol, "mxnet-portable", "mxnet-symbol-json")
+    ctx.add_artifact(params, "mxnet-portable", "mxnet-params")
+    ctx.output_names = _symbol_output_names(ctx.staging / symbol)
+    return _compare_mxnet(ctx, "mxnet-portable", symbol, params).detail
+
+
+def _stage_mxnet_mkldnn(ctx: BuildContext) -> str:
+    import collections
+
+    mxspec = ctx.target.mxnet
+    symbol, params = _export_mxnet(ctx, "mxnet/mkldnn", backend="MKLDNN", static_alloc=mxspec.static_alloc,
+                                   static_shape=mxspec.static_shape)
+    ops = collections.Counter(n["op"] for n in json.loads((ctx.staging / symbol).read_text())["nodes"])
+    fused = sum(count for op, count in ops.items() if op.startswith("_sg_mkldnn"))
+    ctx.extra["mkldnn_fused_ops"] = fused
+    ctx.add_artifact(symbol, "mxnet-mkldnn", "mxnet-symbol-json")
+    ctx.add_artifact(params, "mxnet-mkldnn", "mxnet-params")
+    check = _compare_mxnet(ctx, "mxnet-mkldnn", symbol, params)
+    return f"{fused} fused subgraph ops; {check.detail}"
+
+
+def _onnx_parity(ctx: BuildContext, artifact: str, relative: str, rtol: float, atol: float) -> Check:
+    from .onnx_export import check_onnx
+    from .runner import ort_session, run_onnx
+
+    started = time.perf_counter()
+    try:
+        check_onnx(ctx.staging / relative)
+        ctx.add_check(Check("onnx-checker", artifact, PASSED, "onnx.checker full_check",
+                            seconds=time.perf_counter() - started))
+    except Exception as exc:  # noqa: BLE001 - any checker complaint is a failed check
+        ctx.add_check(Check("onnx-checker", artifact, FAILED, " ".join(str(exc).split())[:300],
+                            seconds=time.perf_counter() - started))
+    started = time.perf_counter()
+    outputs = run_onnx(ort_session(ctx.staging / relative), ctx.reference_inputs)
+    comparison = compare_outputs(outputs, ctx.reference_outputs, ctx.output_names, rtol, atol)
+    check = Check.from_comparison("onnxruntime-parity", artifact, comparison)
+    check.seconds = time.perf_counter() - started
+    return ctx.add_check(check)
+
+
+def _stage_onnx(ctx: BuildContext) -> str:
+    from .onnx_export import export_onnx, io_signature
+
+    onnx_spec = ctx.target.onnx
+    relative = "onnx/model.onnx"
+    shape = ctx.input_shape
+    info = export_onnx(ctx.staging / "mxnet/portable-symbol.json", ctx.staging / "mxnet/portable-0000.params",
+                       [shape], ctx.path(relative), onnx_spec.opset, onnx_spec.ir_version)
+    signature = io_signature(ctx.staging / relative)
+    ctx.input_names = list(signature["inputs"])
+    ctx.output_names = list(signature["outputs"])
+    ctx.extra["onnx_export"] = info
+    ctx.add_artifact(relative, "onnx", "onnx")
+    check = _onnx_parity(ctx, "onnx", relative, ctx.target.verify.rtol, ctx.target.verify.atol)
+    return f"opset {info['opset']}, IR {info['ir_version']}, {info['nodes']} nodes; {check.detail}"
+
+
+def _stage_onnx_fp16(ctx: BuildContext) -> str:
+    from .onnx_export import convert_to_fp16
+
+    relative = "onnx/model.fp16.onnx"
+    convert_to_fp16(ctx.staging / "onnx/model.onnx", ctx.path(relative))
+    ctx.add_artifact(relative, "onnx-fp16", "onnx")
+    verify = ctx.target.verify
+    return _onnx_parity(ctx, "onnx-fp16", relative, verify.fp16_rtol, verify.fp16_atol).detail
+
+
+def _stage_tensorrt_engine(ctx: BuildContext) -> str:
+    from . import tensorrt
+
+    settings = tensorrt.builder_settings(ctx, kit_relative_onnx="../onnx")
+    status = tensorrt.availability()
+    if not status.available:
+        if ctx.spec.require_engine:
+            raise MissingDependency(f"cannot build the TensorRT engine here: {status.reason}", status.fix)
+        ctx.add_check(Check("engine-build", "tensorrt-engine", NOT_RUN, f"not run: {status.reason}"))
+        ctx.notes.append(f"TensorRT engine not built: {status.reason}; on a GPU machine run "
+                         "`python tensorrt/build_engine.py` in this build directory")
+        tensorrt.write_build_kit(ctx, "tensorrt", copy_onnx=False)
+        ctx.extra["engine"] = {"status": "deferred", "reason": status.reason, "kit": "tensorrt/"}
+        return f"deferred: {status.reason}; kit in tensorrt/"
+    ctx.extra["engine"] = {"status": "built here", "tensorrt": status.version}
+    return tensorrt.build_here(ctx, "tensorrt", settings)
+
+
+def _stage_build_kit(ctx: BuildContext) -> str:
+    from . import tensorrt
+
+    summary = tensorrt.write_build_kit(ctx, "build_kit")
+    status = tensorrt.availability()
+    if status.available and tensorrt.on_jetson():
+        ctx.extra["engine"] = {"status": "built here", "tensorrt": status.version}
+        return summary + "; " + tensorrt.build_here(ctx, "build_kit", tensorrt.read_settings(ctx, "build_kit"))
+    if ctx.spec.require_engine:
+        raise MissingDependency(f"cannot build the {ctx.target.name} engine here: "
+                                f"{'not a Jetson' if not tensorrt.on_jetson() else status.reason}",
+                                "run build_kit/build_engine.py on the device")
+    ctx.extra["engine"] = {"status": "deferred to the device", "kit": "build_kit/",
+                           "tensorrt": ctx.target.tensorrt.version, "jetpack": ctx.target.device.jetpack}
+    ctx.add_check(Check("engine-build", "tensorrt-build-kit", NOT_RUN,
+                        "deferred to the device: run build_kit/build_engine.py there "
+                        f"(Jetson engines cannot be built on {'this machine' if not tensorrt.on_jetson() else 'it: ' + status.reason})"))
+    return summary + "; engine deferred to the device"
+
+
+def _stage_reference(ctx: BuildContext) -> str:
+    np.savez(ctx.path("reference/outputs.npz"), **dict(zip(ctx.output_names, ctx.reference_outputs)))
+    np.savez(ctx.path("reference/inputs.npz"), **dict(zip(ctx.input_names, ctx.reference_inputs)))
+    ctx.add_artifact("reference/inputs.npz", "reference", "npz")
+    ctx.add_artifact("reference/outputs.npz", "reference", "npz")
+    return f"seeded input (seed {ctx.target.verify.seed}) and MXNet FP32 outputs"
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("load", None, _stage_load),
+    Stage("mxnet-portable", "load", _stage_mxnet_portable,
+          config=lambda ctx: dataclasses.asdict(ctx.target.mxnet)),
+    Stage("mxnet-mkldnn", "load", _stage_mxnet_mkldnn, applies=lambda t: t.emits("mxnet-mkldnn"),
+          config=lambda ctx: {**dataclasses.asdict(ctx.target.mxnet), "backend": "MKLDNN"}),
+    Stage("onnx", "mxnet-portable", _stage_onnx, applies=lambda t: t.emits("onnx"),
+          config=lambda ctx: dataclasses.asdict(ctx.target.onnx)),
+    Stage("onnx-fp16", "onnx", _stage_onnx_fp16, applies=lambda t: t.emits("onnx-fp16")),
+    Stage("tensorrt-engine", "onnx", _stage_tensorrt_engine, applies=lambda t: t.emits("tensorrt-engine"),
+          config=lambda ctx: dataclasses.asdict(ctx.target.tensorrt)),
+    Stage("tensorrt-build-kit", "onnx", _stage_build_kit, applies=lambda t: t.emits("tensorrt-build-kit"),
+          config=lambda ctx: dataclasses.asdict(ctx.target.tensorrt)),
+    Stage("reference", "load", _stage_reference),
+)
+
+
+# --- output directory handling -------------------------------------------------------
+
+def build_dir_for(spec: CompileSpec, info: ModelInfo) -> Path:
+    return Path(spec.out_dir) / info.name / spec.target.name
+
+
+@contextlib.contextmanager
+def output_lock(final: Path):
+    """One writer per build directory; a second one fails with a clear message."""
+    import fcntl
+
+    from .errors import OutputLocked
+
+    lock_path = final.parent / f".{final.name}.lock"
+    handle = open(lock_path, "w")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputLocked(f"another infc process is building {final}",
+                               "wait for it to finish, or use another --out") from None
+        yield
+    finally:
+        handle.close()
+
+
+def prepare_out_dir(out_dir: Path, model: str) -> Path:
+    parent = Path(out_dir) / model
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=parent, prefix=".probe-", delete=True)
+        probe.close()
+    except OSError as exc:
+        raise UserError(f"cannot write to --out {out_dir}: {exc.strerror or exc}",
+                        "pass a writable directory with --out") from None
+    return parent
+
+
+def _publish(staging: Path, final: Path) -> None:
+    """Swap the finished staging directory into place, keeping the old one until the swap is done."""
+    old = None
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{os.getpid()}"
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+    os.replace(staging, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# --- the library entry point ------------------------------------------------------------
+
+@dataclass
+class BuildResult:
+    build_dir: Path
+    manifest: dict
+
+    @property
+    def ok(self) -> bool:
+        return self.manifest["status"] == "ok"
+
+    @property
+    def failed_checks(self) -> list[dict]:
+        return [c for c in self.manifest["verifications"] if c["status"] == FAILED]
+
+
+def resolve_input_shape(spec: CompileSpec, info: ModelInfo) -> tuple[int, ...]:
+    shape = tuple(spec.input_shape or info.default_input_shape)
+    if spec.batch is not None:
+        if spec.batch <= 0:
+            raise UserError(f"bad --batch {spec.batch}", "pass a positive batch size")
+        shape = (spec.batch,) + shape[1:]
+    expected_rank = len(info.default_input_shape)
+    if len(shape) != expected_rank:
+        raise UserError(f"--input-shape {'x'.join(map(str, shape))} has {len(shape)} dimensions; "
+                        f"{info.name} takes {expected_rank} "
+                        f"(e.g. {'x'.join(map(str, info.default_input_shape))})", "fix --input-shape")
+    return shape
+
+
+def compile_model(spec: CompileSpec, reporter: Reporter | None = None) -> BuildResult:
+    """Build, verify and record every artifact the target asks for.
+
+    Raises VerificationFailed after writing the failed build (with its
+    manifest) to `<build dir>.failed`; the previous good build stays.
+    """
+    reporter = reporter or SilentReporter()
+    info = resolve_model(spec.model)
+    input_shape = resolve_input_shape(spec, info)
+    if spec.weights.kind == "file" and not Path(spec.weights.path).is_file():
+        raise UserError(f"weights file {spec.weights.path} does not exist", "check the --weights path")
+    parent = prepare_out_dir(spec.out_dir, info.name)
+    final = build_dir_for(spec, info)
+    stages = [s for s in STAGES if s.applies(spec.target)]
+    with output_lock(final):
+        staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.staging-", dir=parent))
+        try:
+            ctx = BuildContext(spec=spec, info=info, input_shape=input_shape, staging=staging)
+            target_hash = spec.target.content_hash()
+            for index, stage in enumerate(stages, 1):
+                reporter.stage_started(stage.name, index, len(stages))
+                started = time.perf_counter()
+                note = stage.run(ctx)
+                seconds = time.perf_counter() - started
+                if stage.parent is None:
+                    key = stage_key(ctx.model.weights["sha256"], stage.name,
+                                    {"model": info.name, "input_shape": input_shape}, target_hash)
+                else:
+                    key = stage_key(ctx.keys[stage.parent], stage.name, stage.config(ctx), target_hash)
+                ctx.keys[stage.name] = key
+                ctx.stages.append({"name": stage.name, "seconds": round(seconds, 3), "key": key,
+                                   "parent": stage.parent, "summary": note})
+                reporter.stage_finished(stage.name, seconds, note)
+            manifest = _manifest(ctx, input_shape)
+            if manifest["status"] == "ok":
+                write_json_atomic(staging / MANIFEST_NAME, manifest)
+                _publish(staging, final)
+                return BuildResult(final, manifest)
+            failed_dir = final.parent / f"{final.name}.failed"
+            write_json_atomic(staging / MANIFEST_NAME, manifest)
+            _publish(staging, failed_dir)
+            worst = [c for c in manifest["verifications"] if c["status"] == FAILED][0]
+            raise VerificationFailed(
+                f"{worst['artifact']} failed {worst['name']}: {worst['detail']}",
+                f"failed build kept in {failed_dir}; the previous build in {final} is untouched")
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+
+
+def _manifest(ctx: BuildContext, input_shape: tuple[int, ...]) -> dict:
+    failed = [c for c in ctx.checks if c.failed]
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "infc_version": __version__,
+        "status": "failed" if failed else "ok",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model": {"name": ctx.info.name, "family": ctx.info.family, "zoo": ctx.info.source,
+                  "inputs": {name: {"shape": list(input_shape), "dtype": "float32", "layout": "NCHW"}
+                             for name in ctx.input_names},
+                  "outputs": {name: {"shape": list(out.shape), "dtype": str(out.dtype)}
+                              for name, out in zip(ctx.output_names, ctx.reference_outputs)}},
+        "weights": ctx.model.weights,
+        "target": ctx.target.to_dict(),
+        "target_hash": ctx.target.content_hash(),
+        "tools": tool_versions(),
+        "artifacts": [a.to_dict() for a in ctx.artifacts],
+        "verifications": [c.to_dict() for c in ctx.checks],
+        "stages": ctx.stages,
+        "engine": ctx.extra.pop("engine", None),
+        "notes": ctx.notes,
+        "details": ctx.extra,
+        "reference": {"inputs": "reference/inputs.npz", "outputs": "reference/outputs.npz",
+                      "seed": ctx.target.verify.seed},
+    }
