@@ -211,29 +211,39 @@ def _load_params(net, path: Path, name: str) -> None:
 
 
 def _calibrate_batchnorm(net, sample) -> None:
-    """Set BatchNorm statistics from one batch, as training would have.
+    """Set every BatchNorm's statistics from the batch it sees, as training would have.
 
-    Random weights with unit running variance make activations grow through
-    deep residual stacks until FP16 overflows; a trained network does not
-    behave that way, so a random-init build would test the wrong thing.
+    Random weights with unit running variance make activations shrink or
+    grow layer by layer (1e-19 at MobileNet's output), so FP16 and INT8
+    checks on a random-init build would test nothing. MXNet 1.x updates
+    running statistics only in backward; a pre-hook that sets them from each
+    BatchNorm's actual input, in one inference pass, normalizes layer by layer.
     """
     mx = mxnet()
-    batchnorms = []
 
-    def collect(block):
-        if isinstance(block, mx.gluon.nn.BatchNorm) and "momentum" in block._kwargs:
-            batchnorms.append(block)
+    def set_statistics(block, inputs):
+        x = inputs[0]
+        axis = block._kwargs.get("axis", 1) % x.ndim
+        reduce_axes = tuple(i for i in range(x.ndim) if i != axis)
+        mean = x.mean(axis=reduce_axes)
+        shape = [1] * x.ndim
+        shape[axis] = -1
+        var = ((x - mean.reshape(shape)) ** 2).mean(axis=reduce_axes)
+        block.running_mean.set_data(mean)
+        block.running_var.set_data(var)
 
-    net.apply(collect)
-    saved = [bn._kwargs["momentum"] for bn in batchnorms]
-    for bn in batchnorms:
-        bn._kwargs["momentum"] = 0.0
+    handles = []
+
+    def attach(block):
+        if isinstance(block, mx.gluon.nn.BatchNorm):
+            handles.append(block.register_forward_pre_hook(set_statistics))
+
+    net.apply(attach)
     try:
-        with mx.autograd.train_mode():
-            net(sample)
+        net(sample)
     finally:
-        for bn, momentum in zip(batchnorms, saved):
-            bn._kwargs["momentum"] = momentum
+        for handle in handles:
+            handle.detach()
 
 
 def load_model(info: ModelInfo, weights: WeightsRequest, input_shape: tuple[int, ...]) -> LoadedModel:
@@ -250,7 +260,10 @@ def load_model(info: ModelInfo, weights: WeightsRequest, input_shape: tuple[int,
         mx.random.seed(weights.seed)
         net.collect_params().initialize(mx.init.Xavier(magnitude=2.0), ctx=mx.cpu(), force_reinit=True)
         _forward_checked(net, sample, info.name, input_shape)
-        _calibrate_batchnorm(net, sample)
+        # Statistics from other seeded images than the reference input, so the
+        # reference is not normalized by its own statistics.
+        calibration_shape = (max(4, input_shape[0]),) + tuple(input_shape[1:])
+        _calibrate_batchnorm(net, mx.nd.array(reference_input(calibration_shape, weights.seed + 1)))
         with tempfile.TemporaryDirectory() as tmp:
             saved = Path(tmp) / "random.params"
             net.save_parameters(str(saved))
@@ -269,11 +282,23 @@ def load_model(info: ModelInfo, weights: WeightsRequest, input_shape: tuple[int,
 def _forward_checked(net, sample, name: str, input_shape) -> None:
     mx = mxnet()
     try:
-        net(sample)
-    except mx.base.MXNetError as exc:
-        first = " ".join(str(exc).split("Stack trace")[0].split())[:200]
+        # MXNet prints its shape-inference complaints to stdout as well.
+        with contextlib.redirect_stdout(io.StringIO()):
+            net(sample)
+    except (mx.base.MXNetError, ValueError) as exc:
+        first = mxnet_error_summary(exc)
         raise UserError(f"'{name}' cannot run on input shape {'x'.join(map(str, input_shape))}: {first}",
                         "pass an --input-shape the architecture accepts") from None
+
+
+def mxnet_error_summary(exc: Exception) -> str:
+    """The informative part of an MXNet error: its 'Check failed' clause, else its last line."""
+    text = str(exc).split("Stack trace")[0]
+    if "Check failed:" in text:
+        text = text[text.index("Check failed:"):]
+    else:
+        text = [line for line in text.splitlines() if line.strip()][-1] if text.strip() else type(exc).__name__
+    return " ".join(text.split())[:200]
 
 
 def reference_input(shape: tuple[int, ...], seed: int):

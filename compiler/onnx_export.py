@@ -168,12 +168,62 @@ def check_onnx(path: Path) -> None:
     onnx.checker.check_model(str(path), full_check=True)
 
 
+def fold_batchnorm_into_conv(model) -> int:
+    """Fold inference BatchNormalization into the Conv that feeds it, in FP32.
+
+    Done before FP16 conversion: BatchNorm evaluated in half precision divides
+    by sqrt(var + 1e-5) where 1e-5 is subnormal, which costs MobileNet
+    several percent of output accuracy; folded in FP32 it costs nothing.
+    """
+    import numpy as np
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    consumers: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers[name] = consumers.get(name, 0) + 1
+    graph_outputs = {o.name for o in model.graph.output}
+    producers = {out: node for node in model.graph.node for out in node.output}
+    folded = 0
+    for bn in list(model.graph.node):
+        if bn.op_type != "BatchNormalization" or len(bn.output) != 1:
+            continue
+        conv = producers.get(bn.input[0])
+        if (conv is None or conv.op_type != "Conv" or consumers.get(conv.output[0]) != 1
+                or conv.output[0] in graph_outputs
+                or not all(name in inits for name in list(bn.input[1:5]) + list(conv.input[1:]))):
+            continue
+        eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+        scale, bias, mean, var = (numpy_helper.to_array(inits[n]).astype(np.float64) for n in bn.input[1:5])
+        weight = numpy_helper.to_array(inits[conv.input[1]]).astype(np.float64)
+        conv_bias = (numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64) if len(conv.input) > 2
+                     else np.zeros(weight.shape[0]))
+        factor = scale / np.sqrt(var + eps)
+        new_weight = (weight * factor.reshape(-1, *([1] * (weight.ndim - 1)))).astype(np.float32)
+        new_bias = ((conv_bias - mean) * factor + bias).astype(np.float32)
+        weight_name, bias_name = f"{conv.name}_folded_weight", f"{conv.name}_folded_bias"
+        model.graph.initializer.extend([numpy_helper.from_array(new_weight, weight_name),
+                                        numpy_helper.from_array(new_bias, bias_name)])
+        conv.input[:] = [conv.input[0], weight_name, bias_name]
+        conv.output[0] = bn.output[0]
+        model.graph.node.remove(bn)
+        folded += 1
+    # Drop initializers nothing reads any more.
+    used = {name for node in model.graph.node for name in node.input}
+    keep = [i for i in model.graph.initializer if i.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    return folded
+
+
 def convert_to_fp16(src: Path, dst: Path) -> dict:
     """FP16 weights and tensors inside, FP32 inputs and outputs at the edges."""
     import onnx
     from onnxconverter_common import float16
 
     model = onnx.load(str(src))
+    folded = fold_batchnorm_into_conv(model)
     ir_version = model.ir_version
     opsets = {op.domain: op.version for op in model.opset_import}
     import warnings
@@ -191,7 +241,7 @@ def convert_to_fp16(src: Path, dst: Path) -> dict:
     name_all_nodes(converted)
     onnx.save(converted, str(dst))
     casts = sum(1 for n in converted.graph.node if n.op_type == "Cast")
-    return {"cast_nodes": casts}
+    return {"cast_nodes": casts, "batchnorms_folded": folded}
 
 
 def restore_fp32_outputs(model) -> int:
