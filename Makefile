@@ -2,22 +2,40 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-INFC   := $(VENV)/bin/infc
+INFC   ?= $(VENV)/bin/infc
 STAMP  := $(VENV)/.installed
 
 # `make artifacts MODEL=resnet18_v1 TARGET=x86-mkldnn`, or many at once with
-# `make artifacts MODELS="a b" TARGETS="x86-mkldnn jetson"`.
-MODEL      ?= resnet18_v1
-TARGET     ?= x86-mkldnn
-MODELS     ?= $(MODEL)
-TARGETS    ?= $(TARGET)
-OUT        ?= artifacts
-INFC_FLAGS ?=
+# `make artifacts MODELS="a b" TARGETS="x86-mkldnn jetson"`; `make bundles` packs
+# each build into OUT/MODEL/TARGET.tar.gz. Extra compile flags go in INFC_FLAGS
+# (e.g. INFC_FLAGS=--random-init offline). TARGETS_DIR holds the target specs.
+MODEL       ?= resnet18_v1
+TARGET      ?= x86-mkldnn
+MODELS      ?= $(MODEL)
+TARGETS     ?= $(TARGET)
+OUT         ?= artifacts
+INFC_FLAGS  ?=
+TARGETS_DIR ?= targets
+SHA256      ?= sha256sum
 PYTEST_ARGS ?=
 
-MANIFESTS := $(foreach m,$(MODELS),$(foreach t,$(TARGETS),$(OUT)/$(m)/$(t)/manifest.json))
+# A build lands in OUT/MODEL/<canonical target name>, so an alias (jetson) is
+# resolved to the file that declares it (jetson-orin.toml); an unknown name is
+# kept and fails in its stamp rule with a message.
+alias_file = $(firstword $(shell grep -lE '^[[:space:]]*aliases[[:space:]]*=.*"$(1)"' $(TARGETS_DIR)/*.toml 2>/dev/null))
+canonical  = $(if $(wildcard $(TARGETS_DIR)/$(1).toml),$(1),$(if $(call alias_file,$(1)),$(basename $(notdir $(call alias_file,$(1)))),$(1)))
 
-.PHONY: install test test-fast artifacts clean clean-artifacts
+RESOLVED_TARGETS := $(sort $(foreach t,$(TARGETS),$(call canonical,$(t))))
+MANIFESTS := $(foreach m,$(MODELS),$(foreach t,$(RESOLVED_TARGETS),$(OUT)/$(m)/$(t)/manifest.json))
+BUNDLES   := $(MANIFESTS:%/manifest.json=%.tar.gz)
+STAMP_DIR := $(OUT)/.make
+TARGET_STAMPS := $(foreach t,$(RESOLVED_TARGETS),$(STAMP_DIR)/target-$(t).sha256)
+
+# Building artifacts installs infc only when it is missing; `make install`
+# refreshes an existing install.
+INFC_READY := $(if $(wildcard $(INFC)),,$(STAMP))
+
+.PHONY: install test test-fast artifacts bundles clean clean-artifacts FORCE
 
 install: $(STAMP)
 
@@ -36,12 +54,33 @@ test-fast: $(STAMP)
 
 artifacts: $(MANIFESTS)
 
-# The stem is MODEL/TARGET.
-$(OUT)/%/manifest.json: | $(STAMP)
-	$(INFC) compile $(patsubst %/,%,$(dir $*)) --target $(notdir $*) --out $(OUT) $(INFC_FLAGS)
+bundles: $(BUNDLES)
+
+# A target's stamp holds the hash of its TOML file and is rewritten only when
+# the hash changes: a content change rebuilds that target's manifests, a touch
+# rebuilds nothing. (Make re-reads the stamp's mtime after the recipe runs.)
+$(TARGET_STAMPS): $(STAMP_DIR)/target-%.sha256: FORCE
+	@test -f $(TARGETS_DIR)/$*.toml || { echo "make: unknown target '$*': no $(TARGETS_DIR)/$*.toml" \
+	  "and no file there lists it in aliases (see \`infc targets\`)" >&2; exit 2; }
+	@mkdir -p $(@D)
+	@sum="$$($(SHA256) < $(TARGETS_DIR)/$*.toml)" && \
+	  if [ "$$(cat $@ 2>/dev/null)" != "$$sum" ]; then echo "$$sum" > $@.tmp && mv -f $@.tmp $@; fi
+
+FORCE:
+
+# The stem is MODEL/TARGET. infc holds a lock per build directory, so two makes
+# building the same pair wait for each other instead of interleaving files.
+# The touch keeps make's view right when infc finds the build cached.
+.SECONDEXPANSION:
+$(MANIFESTS): $(OUT)/%/manifest.json: $$(STAMP_DIR)/target-$$(notdir $$*).sha256 | $$(INFC_READY)
+	INFC_TARGETS_DIR=$(abspath $(TARGETS_DIR)) $(INFC) compile $(patsubst %/,%,$(dir $*)) --target $(notdir $*) --out $(OUT) $(INFC_FLAGS)
+	@touch $@
+
+$(BUNDLES): $(OUT)/%.tar.gz: $(OUT)/%/manifest.json | $$(INFC_READY)
+	$(INFC) package $(OUT)/$* -o $@
 
 clean-artifacts:
-	find $(OUT) -mindepth 1 -maxdepth 1 ! -name .keep -exec rm -rf {} +
+	@if [ -d "$(OUT)" ]; then find $(OUT) -mindepth 1 -maxdepth 1 ! -name .keep -exec rm -rf {} +; fi
 
 clean: clean-artifacts
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -159,8 +159,12 @@ def model_store_root() -> Path:
     return Path(os.environ.get("MXNET_HOME") or mx.base.data_dir()).expanduser() / "models"
 
 
-def _construct(info: ModelInfo):
-    """Build the architecture without fetching anything."""
+def _construct(info: ModelInfo, input_shape: tuple[int, ...] | None = None):
+    """Build the architecture without fetching anything.
+
+    Segmentation networks bake their input size into pooling branches, so a
+    non-default --input-shape must reach the constructor.
+    """
     if re.search(r"_int8$", info.name):
         raise UnsupportedModel(
             f"'{info.name}' is a pre-quantized zoo graph, not a trainable architecture",
@@ -168,14 +172,21 @@ def _construct(info: ModelInfo):
     if info.source == "mxnet.vision":
         return mxnet().gluon.model_zoo.vision.get_model(info.name, pretrained=False)
     get_model = gluoncv().model_zoo.get_model
+    size_kwargs = [{}]
+    if info.family == "segmentation" and input_shape and tuple(input_shape[2:]) != info.default_input_shape[2:]:
+        height, width = input_shape[2], input_shape[3]
+        size_kwargs = [{"height": height, "width": width, "crop_size": height}] if height != width else [
+            {"crop_size": height}, {"height": height, "width": width, "crop_size": height}]
     # Many GluonCV constructors download a backbone unless told not to; the
     # others reject the keyword.
-    try:
-        return get_model(info.name, pretrained=False, pretrained_base=False)
-    except TypeError as exc:
-        if "pretrained_base" not in str(exc):
-            raise
-    return get_model(info.name, pretrained=False)
+    last_error = None
+    for sizes in size_kwargs:
+        for extra in ({"pretrained_base": False}, {}):
+            try:
+                return get_model(info.name, pretrained=False, **extra, **sizes)
+            except TypeError as exc:
+                last_error = exc
+    raise last_error
 
 
 def _pretrained_file(info: ModelInfo) -> Path:
@@ -205,21 +216,71 @@ def _load_params(net, path: Path, name: str) -> None:
     try:
         net.load_parameters(str(path), ctx=mx.cpu(), allow_missing=False, ignore_extra=False)
     except (mx.base.MXNetError, AssertionError, ValueError, OSError, RuntimeError) as exc:
-        first = " ".join(str(exc).split())[:200]
+        first = mxnet_error_summary(exc)
         raise UserError(f"weights file {path} does not fit model '{name}': {first}",
                         "pass the Gluon save_parameters() file of this exact architecture") from None
 
 
-def _calibrate_batchnorm(net, sample) -> None:
-    """Set every BatchNorm's statistics from the batch it sees, as training would have.
+RESIDUAL_BRANCH_GAMMA = 0.2
+_ADD_OPS = {"elemwise_add", "_plus", "_Plus", "broadcast_add", "add_n", "ElementWiseSum"}
+_PASS_THROUGH_OPS = {"Activation", "relu", "LeakyReLU", "Dropout", "_copy", "clip"}
 
-    Random weights with unit running variance make activations shrink or
-    grow layer by layer (1e-19 at MobileNet's output), so FP16 and INT8
-    checks on a random-init build would test nothing. MXNet 1.x updates
-    running statistics only in backward; a pre-hook that sets them from each
-    BatchNorm's actual input, in one inference pass, normalizes layer by layer.
+
+def _residual_branch_batchnorms(net) -> set[str]:
+    """Names of the BatchNorm blocks that end a residual branch (not a shortcut).
+
+    A BatchNorm ends a residual branch when its output is added to a skip
+    connection and the convolution before it reads another BatchNorm's
+    (activated) output; a downsampling shortcut's convolution reads the
+    block input instead.
+    """
+    import json
+
+    mx = mxnet()
+    try:
+        outputs = net(mx.sym.var("data"))
+        if isinstance(outputs, (list, tuple)):
+            outputs = mx.sym.Group(list(outputs))
+        graph = json.loads(outputs.tojson())
+    except Exception:  # noqa: BLE001 - not symbolically traceable: no residual structure known
+        return set()
+    nodes = graph["nodes"]
+
+    def producer(index):
+        node = nodes[index]
+        while node["op"] in _PASS_THROUGH_OPS and node["inputs"]:
+            node = nodes[node["inputs"][0][0]]
+        return node
+
+    found = set()
+    for node in nodes:
+        if node["op"] not in _ADD_OPS:
+            continue
+        for entry in node["inputs"]:
+            bn = nodes[entry[0]]
+            if bn["op"] != "BatchNorm":
+                continue
+            conv = nodes[bn["inputs"][0][0]]
+            if conv["op"] == "Convolution" and producer(conv["inputs"][0][0])["op"] == "BatchNorm":
+                found.add(bn["name"].removesuffix("_fwd"))
+    return found
+
+
+def _calibrate_batchnorm(net, sample) -> None:
+    """Give random weights the numerics of a trained network.
+
+    Left at unit running variance, random activations shrink layer by layer
+    (MobileNet's outputs reach 1e-19: FP16 underflows, INT8 calibrates on
+    nothing). So every BatchNorm gets its statistics from the batch it sees
+    (MXNet 1.x updates them only in backward, hence a pre-hook in one
+    inference pass). Normalized that way a deep ResNet is chaotic -- a 1e-7
+    input change moved deeplab_resnet101's outputs by 1e-3 -- because every
+    residual branch is as large as its skip path; trained ResNets keep their
+    branches small, so the BatchNorm ending each branch is scaled by
+    RESIDUAL_BRANCH_GAMMA, as zero/small-gamma initialisation does.
     """
     mx = mxnet()
+    branch_ends = _residual_branch_batchnorms(net)
 
     def set_statistics(block, inputs):
         x = inputs[0]
@@ -231,6 +292,8 @@ def _calibrate_batchnorm(net, sample) -> None:
         var = ((x - mean.reshape(shape)) ** 2).mean(axis=reduce_axes)
         block.running_mean.set_data(mean)
         block.running_var.set_data(var)
+        if block.name in branch_ends:
+            block.gamma.set_data(mx.nd.full(block.gamma.shape, RESIDUAL_BRANCH_GAMMA))
 
     handles = []
 
@@ -249,7 +312,10 @@ def _calibrate_batchnorm(net, sample) -> None:
 def load_model(info: ModelInfo, weights: WeightsRequest, input_shape: tuple[int, ...]) -> LoadedModel:
     mx = mxnet()
     try:
-        net = _construct(info)
+        # A fresh name counter: the graph's names (and so every artifact) do not
+        # depend on how many models this process built before.
+        with mx.name.NameManager():
+            net = _construct(info, input_shape)
     except (UnsupportedModel, UserError):
         raise
     except Exception as exc:  # noqa: BLE001 - constructors raise anything
