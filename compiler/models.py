@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import hashlib
 import io
 import os
 import re
@@ -16,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import MissingDependency, UnsupportedModel, UserError
+from .manifest import sha256_path
 from .mxnet_env import gluoncv, mxnet
 
 FAMILIES = ("classification", "segmentation", "detection", "pose", "action", "depth", "tracking")
@@ -144,14 +144,6 @@ class LoadedModel:
     info: ModelInfo
     net: object
     weights: dict  # source, path, sha256, ...
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def model_store_root() -> Path:
@@ -333,14 +325,14 @@ def load_model(info: ModelInfo, weights: WeightsRequest, input_shape: tuple[int,
         with tempfile.TemporaryDirectory() as tmp:
             saved = Path(tmp) / "random.params"
             net.save_parameters(str(saved))
-            digest = sha256_file(saved)
+            digest = sha256_path(saved)
         record = {"source": "random-init", "seed": weights.seed, "sha256": digest,
                   "note": "random weights with BatchNorm statistics from the seeded input: structure-only build"}
     else:
         path = Path(weights.path) if weights.kind == "file" else _pretrained_file(info)
         _load_params(net, path, info.name)
         record = {"source": "file" if weights.kind == "file" else "model-store",
-                  "path": str(path.resolve()), "sha256": sha256_file(path)}
+                  "path": str(path.resolve()), "sha256": sha256_path(path)}
         _forward_checked(net, sample, info.name, input_shape)
     return LoadedModel(info=info, net=net, weights=record)
 
