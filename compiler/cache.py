@@ -1,7 +1,7 @@
 """A content-addressed store of stage outputs.
 
 A stage's output is stored under the stage key (a hash of everything that
-shapes it, see `pipeline.stage_key`), so an unchanged rebuild can take every
+shapes it, see `incremental.stage_cache_key`), so an unchanged rebuild can take every
 file from here instead of recomputing it.
 
 Layout under the root (`$INFC_CACHE_DIR`, else `$XDG_CACHE_HOME/infc`, else

@@ -76,12 +76,26 @@ def drive_compile(
     seed: int = typer.Option(0, "--seed", help="Seed for --random-init weights."),
     require_engine: bool = typer.Option(False, "--require-engine",
                                         help="Fail (exit 3) if the TensorRT engine cannot be built here."),
+    precision: Optional[str] = typer.Option(
+        None, "--precision", help="fp32, fp16 (CUDA/Jetson), bf16 (x86) or int8 (needs --calib-data); "
+                                  "default: the target's own."),
+    calib_data: Optional[Path] = typer.Option(None, "--calib-data",
+                                              help="Directory of JPEG/PNG images for INT8 calibration."),
+    calib_count: Optional[int] = typer.Option(None, "--calib-count", help="Use the first N images (sorted by name)."),
+    calib_mode: Optional[str] = typer.Option(None, "--calib-mode",
+                                             help="naive (min/max) or entropy (KL); default: the target's."),
+    val_data: Optional[Path] = typer.Option(None, "--val-data",
+                                            help="Images to measure accuracy on (default: the calibration images)."),
+    max_accuracy_drop: Optional[float] = typer.Option(
+        None, "--max-accuracy-drop", help="Budget in percentage points of top-1 / pixel agreement with FP32 "
+                                          "(default: the target's accuracy.max_drop); missing it exits 7."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
     as_json: bool = JsonOption,
 ):
     """Compile MODEL for a target into verified artifacts and a manifest."""
     from .models import WeightsRequest, parse_input_shape
     from .pipeline import CompileSpec, compile_model
+    from .precision import PrecisionRequest
     from .targets import resolve_target
 
     if weights is not None and random_init:
@@ -100,14 +114,20 @@ def drive_compile(
         batch=batch,
         weights=weights_request,
         require_engine=require_engine,
+        precision=PrecisionRequest(precision, calib_data, calib_count, calib_mode, val_data, max_accuracy_drop),
     )
     started = time.perf_counter()
     result = compile_model(spec, TerminalReporter(quiet or as_json))
     if as_json:
-        _echo_json({"build_dir": str(result.build_dir), **result.manifest})
+        _echo_json({"build_dir": str(result.build_dir), "cached": result.cached, **result.manifest})
         return
-    if not quiet:
-        typer.echo(_compile_summary(result.build_dir, result.manifest, time.perf_counter() - started))
+    if quiet:
+        return
+    if result.cached:
+        typer.echo(f"cached: {result.build_dir} is up to date (same weights, input shape, target spec, "
+                   f"options and tools; built {result.manifest['created']})")
+        return
+    typer.echo(_compile_summary(result.build_dir, result.manifest, time.perf_counter() - started))
 
 
 def _compile_summary(build_dir: Path, manifest: dict, seconds: float) -> str:
@@ -119,6 +139,7 @@ def _compile_summary(build_dir: Path, manifest: dict, seconds: float) -> str:
     else:
         lines.append(f"  weights: {weights['source']} {weights.get('path', '')} sha256 {weights['sha256'][:12]}")
     lines.append(_checks_table(manifest["verifications"]))
+    lines.extend(manifest.get("details", {}).get("accuracy", {}).get("table", []))
     lines.extend(f"  note: {note}" for note in manifest.get("notes", []))
     return "\n".join(lines)
 
@@ -134,14 +155,19 @@ def _checks_table(checks: list[dict]) -> str:
 
 @app.command("verify")
 def drive_verify(
-    build_dir: Path = typer.Argument(..., help="A build directory (contains manifest.json)."),
+    build_dir: Path = typer.Argument(..., help="A build directory (contains manifest.json), or a bundle (.tar.gz)."),
     as_json: bool = JsonOption,
 ):
     """Re-check every artifact's hash and re-run its checks; exit 4 if any fails."""
     from .errors import VerificationFailed
     from .verify import verify_build
 
-    result = verify_build(build_dir)
+    if not build_dir.is_dir() and build_dir.name.endswith((".tar.gz", ".tgz")):
+        from .bundle import verify_bundle
+
+        result = verify_bundle(build_dir)
+    else:
+        result = verify_build(build_dir)
     if as_json:
         _echo_json(result.to_dict())
     else:
@@ -255,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         code = app(args=argv, prog_name="infc", standalone_mode=False)
     except InfcError as exc:
         _err(f"infc: {exc.label}: {exc.one_line()}")
+        if getattr(exc, "table", ""):
+            _err(exc.table)
         if "--json" in (argv if argv is not None else sys.argv):
             typer.echo(json.dumps({"error": exc.one_line(), "kind": type(exc).__name__, "exit_code": exc.exit_code}))
         return exc.exit_code

@@ -66,6 +66,11 @@ class AccuracyBudgetMissed(InfcError):
     exit_code = 7
     label = "accuracy budget missed"
 
+    def __init__(self, problem: str, fix: str | None = None, table: str = ""):
+        super().__init__(problem, fix)
+        # The per-artifact accuracy table, printed below the one-line message.
+        self.table = table
+
 
 EXIT_INTERRUPTED = 130
 EXIT_INTERNAL = 70

@@ -147,8 +147,8 @@ class LoadedModel:
 
 
 def model_store_root() -> Path:
-    mx = mxnet()
-    return Path(os.environ.get("MXNET_HOME") or mx.base.data_dir()).expanduser() / "models"
+    """MXNet's data_dir() (MXNET_HOME, else ~/.mxnet), without importing MXNet."""
+    return Path(os.environ.get("MXNET_HOME") or "~/.mxnet").expanduser() / "models"
 
 
 def _construct(info: ModelInfo, input_shape: tuple[int, ...] | None = None):
@@ -320,7 +320,7 @@ def load_model(info: ModelInfo, weights: WeightsRequest, input_shape: tuple[int,
         _forward_checked(net, sample, info.name, input_shape)
         # Statistics from other seeded images than the reference input, so the
         # reference is not normalized by its own statistics.
-        calibration_shape = (max(4, input_shape[0]),) + tuple(input_shape[1:])
+        calibration_shape = (max(2, input_shape[0]),) + tuple(input_shape[1:])
         _calibrate_batchnorm(net, mx.nd.array(reference_input(calibration_shape, weights.seed + 1)))
         with tempfile.TemporaryDirectory() as tmp:
             saved = Path(tmp) / "random.params"

@@ -26,6 +26,7 @@ from .errors import MissingDependency, UserError, VerificationFailed
 from .manifest import (MANIFEST_NAME, SCHEMA_VERSION, ArtifactRecord, record_artifact, tool_versions,
                        write_json_atomic)
 from .models import LoadedModel, ModelInfo, WeightsRequest, load_model, reference_input, resolve_model
+from .precision import PrecisionRequest
 from .targets import TargetSpec
 from .verify import FAILED, NOT_RUN, PASSED, Check, compare_outputs
 
@@ -41,6 +42,8 @@ class CompileSpec:
     weights: WeightsRequest = WeightsRequest()
     # Fail instead of deferring when the target's TensorRT engine cannot be built here.
     require_engine: bool = False
+    # --precision and its calibration/validation images and accuracy budget.
+    precision: PrecisionRequest = PrecisionRequest()
 
 
 class Reporter(Protocol):
@@ -73,6 +76,21 @@ class BuildContext:
     keys: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
+    # In-memory data stages hand each other (images, reference outputs); not recorded.
+    work: dict = field(default_factory=dict)
+    # The weights record (source, sha256, ...), known even when the load stage came from the cache.
+    weights: dict | None = None
+
+    def ensure_model(self) -> LoadedModel:
+        """The network in memory; loaded again when the load stage was restored from the cache."""
+        if self.model is None:
+            self.model = load_model(self.info, self.spec.weights, self.input_shape)
+            if self.weights and self.model.weights["sha256"] != self.weights["sha256"]:
+                raise VerificationFailed(
+                    f"the weights of {self.info.name} no longer match the cached build "
+                    f"({self.model.weights['sha256'][:12]} vs {self.weights['sha256'][:12]})",
+                    "run `infc cache prune` and compile again")
+        return self.model
 
     @property
     def target(self) -> TargetSpec:
@@ -103,26 +121,22 @@ class Stage:
     config: Callable[[BuildContext], dict] = lambda ctx: {}
 
 
-def stage_key(parent_key: str, stage: str, config: dict, target_hash: str) -> str:
-    """Content address of a stage's output: hash(parent, pass, config, target, infc version)."""
-    blob = json.dumps({"parent": parent_key, "stage": stage, "config": config, "target": target_hash,
-                       "infc": __version__}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
 # --- stages ----------------------------------------------------------------------
 
 def _stage_load(ctx: BuildContext) -> str:
-    ctx.model = load_model(ctx.info, ctx.spec.weights, ctx.input_shape)
+    from .incremental import save_model_outputs
     from .mxnet_env import mxnet
     from .runner import as_output_list
 
     mx = mxnet()
+    ctx.ensure_model()
+    ctx.weights = ctx.model.weights
     ctx.reference_inputs = [reference_input(ctx.input_shape, ctx.target.verify.seed)]
     outputs = as_output_list(ctx.model.net(mx.nd.array(ctx.reference_inputs[0])))
     ctx.reference_outputs = [o.asnumpy() for o in outputs]
     ctx.output_names = [f"output{i}" for i in range(len(outputs))]
-    source = ctx.model.weights["source"]
+    save_model_outputs(ctx)
+    source = ctx.weights["source"]
     return f"{source} weights, {len(outputs)} output(s) {', '.join('x'.join(map(str, o.shape)) for o in outputs)}"
 
 
@@ -143,7 +157,7 @@ def _export_mxnet(ctx: BuildContext, prefix: str, **hybridize) -> tuple[str, str
     from .mxnet_env import mxnet
 
     mx = mxnet()
-    net = ctx.model.net
+    net = ctx.ensure_model().net
     net.hybridize(active=True, **hybridize)
     net(mx.nd.array(ctx.reference_inputs[0]))
     ctx.path(prefix)
@@ -276,15 +290,50 @@ def _stage_reference(ctx: BuildContext) -> str:
     return f"seeded input (seed {ctx.target.verify.seed}) and MXNet FP32 outputs"
 
 
+def _precision_stage(name: str):
+    """Reduced-precision stages live in precision.py, imported only by builds that ask for them."""
+    def run(ctx: BuildContext) -> str:
+        from . import precision
+
+        if name in precision.AMP_DTYPES:
+            return precision.stage_mxnet_amp(ctx, name)
+        return getattr(precision, "stage_" + name.replace("-", "_"))(ctx)
+    return run
+
+
+def _precision_config(ctx: BuildContext) -> dict:
+    from .precision import eval_config
+
+    return {**eval_config(ctx), "quantize": dataclasses.asdict(ctx.target.quantize),
+            "accuracy": dataclasses.asdict(ctx.target.accuracy)}
+
+
+def _reduced(target: TargetSpec) -> bool:
+    return any(target.emits(k) for k in ("mxnet-int8", "mxnet-bf16", "mxnet-fp16", "onnx-int8"))
+
+
 STAGES: tuple[Stage, ...] = (
     Stage("load", None, _stage_load),
     Stage("mxnet-portable", "load", _stage_mxnet_portable,
           config=lambda ctx: dataclasses.asdict(ctx.target.mxnet)),
     Stage("mxnet-mkldnn", "load", _stage_mxnet_mkldnn, applies=lambda t: t.emits("mxnet-mkldnn"),
           config=lambda ctx: {**dataclasses.asdict(ctx.target.mxnet), "backend": "MKLDNN"}),
+    # After the FP32 graphs: their parity checks must not depend on what else this build runs.
+    Stage("eval-images", "mxnet-portable", _precision_stage("eval-images"), applies=_reduced,
+          config=_precision_config),
+    Stage("mxnet-int8", "mxnet-portable", _precision_stage("mxnet-int8"), applies=lambda t: t.emits("mxnet-int8"),
+          config=_precision_config),
+    Stage("mxnet-bf16", "mxnet-portable", _precision_stage("mxnet-bf16"), applies=lambda t: t.emits("mxnet-bf16"),
+          config=_precision_config),
+    Stage("mxnet-fp16", "mxnet-portable", _precision_stage("mxnet-fp16"), applies=lambda t: t.emits("mxnet-fp16"),
+          config=_precision_config),
     Stage("onnx", "mxnet-portable", _stage_onnx, applies=lambda t: t.emits("onnx"),
           config=lambda ctx: dataclasses.asdict(ctx.target.onnx)),
     Stage("onnx-fp16", "onnx", _stage_onnx_fp16, applies=lambda t: t.emits("onnx-fp16")),
+    Stage("onnx-int8", "onnx", _precision_stage("onnx-int8"), applies=lambda t: t.emits("onnx-int8"),
+          config=_precision_config),
+    Stage("accuracy-report", "eval-images", _precision_stage("accuracy-report"), applies=_reduced,
+          config=_precision_config),
     Stage("tensorrt-engine", "onnx", _stage_tensorrt_engine, applies=lambda t: t.emits("tensorrt-engine"),
           config=lambda ctx: dataclasses.asdict(ctx.target.tensorrt)),
     Stage("tensorrt-build-kit", "onnx", _stage_build_kit, applies=lambda t: t.emits("tensorrt-build-kit"),
@@ -299,21 +348,65 @@ def build_dir_for(spec: CompileSpec, info: ModelInfo) -> Path:
     return Path(spec.out_dir) / info.name / spec.target.name
 
 
+LOCK_TIMEOUT_ENV = "INFC_LOCK_TIMEOUT"
+
+
+def _lock_wait_message(text: str) -> None:
+    import sys
+
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
 @contextlib.contextmanager
-def output_lock(final: Path):
-    """One writer per build directory; a second one fails with a clear message."""
+def output_lock(final: Path, timeout: float | None = None, on_wait: Callable[[str], None] | None = None):
+    """One writer per build directory. A second writer (make -j, another shell) waits for the
+    first, saying so once; $INFC_LOCK_TIMEOUT (seconds; 0 = do not wait) bounds the wait,
+    after which it fails with OutputLocked. The holder's pid is kept in the lock file for the message."""
     import fcntl
 
     from .errors import OutputLocked
 
+    if timeout is None and os.environ.get(LOCK_TIMEOUT_ENV, "").strip():
+        raw = os.environ[LOCK_TIMEOUT_ENV]
+        try:
+            timeout = float(raw)
+        except ValueError:
+            raise UserError(f"{LOCK_TIMEOUT_ENV}={raw!r} is not a number of seconds",
+                            "unset it, or set it to e.g. 600 (0 fails at once)") from None
     lock_path = final.parent / f".{final.name}.lock"
-    handle = open(lock_path, "w")
+    handle = open(lock_path, "a+")
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise OutputLocked(f"another infc process is building {final}",
-                               "wait for it to finish, or use another --out") from None
+            handle.seek(0)
+            holder = handle.read().strip()
+            pid = f" (pid {holder})" if holder.isdigit() else ""
+            if holder == str(os.getpid()):
+                raise OutputLocked(f"an earlier build in this same process{pid} is still writing {final}; "
+                                   "waiting for it would never end", "use another --out") from None
+            if timeout is not None and timeout <= 0:
+                raise OutputLocked(f"another infc process is building {final}{pid}",
+                                   "wait for it to finish, or use another --out") from None
+            (on_wait or _lock_wait_message)(
+                f"infc: another infc process is building {final}{pid}; waiting for it to finish ...")
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while True:
+                time.sleep(0.2)
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise OutputLocked(f"another infc process is still building {final}{pid} "
+                                           f"after {timeout:g} s",
+                                           f"wait for it to finish, raise {LOCK_TIMEOUT_ENV}, "
+                                           "or use another --out") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
         yield
     finally:
         handle.close()
@@ -350,6 +443,8 @@ def _publish(staging: Path, final: Path) -> None:
 class BuildResult:
     build_dir: Path
     manifest: dict
+    # True when nothing changed and the existing build was kept as it is.
+    cached: bool = False
 
     @property
     def ok(self) -> bool:
@@ -374,39 +469,160 @@ def resolve_input_shape(spec: CompileSpec, info: ModelInfo) -> tuple[int, ...]:
     return shape
 
 
+def _require_engine_here(target: TargetSpec) -> None:
+    """Fail before any work when --require-engine cannot be honoured on this machine."""
+    from . import tensorrt
+
+    if not (target.emits("tensorrt-engine") or target.emits("tensorrt-build-kit")):
+        raise UserError(f"--require-engine: target {target.name} emits no TensorRT engine",
+                        "drop --require-engine or pick a TensorRT target")
+    if target.emits("tensorrt-build-kit") and not tensorrt.on_jetson():
+        raise MissingDependency(f"cannot build the {target.name} engine here: Jetson engines are built on the device",
+                                "drop --require-engine and run build_kit/build_engine.py on the device")
+    status = tensorrt.availability()
+    if not status.available:
+        raise MissingDependency(f"cannot build the TensorRT engine here: {status.reason}", status.fix)
+
+
+CACHE_DISABLE_ENV = "INFC_NO_CACHE"
+
+
+def _stage_cache(spec: CompileSpec, root: str | None):
+    """The stage cache, unless the build cannot be keyed up front or opts out.
+
+    Reduced-precision stages hand each other in-memory state (images,
+    calibration tables), so those builds are not replayed stage by stage.
+    """
+    from .cache import StageCache
+
+    if root is None or _reduced(spec.target) or os.environ.get(CACHE_DISABLE_ENV):
+        return None
+    return StageCache()
+
+
+def _engine_here() -> dict:
+    from . import tensorrt
+
+    status = tensorrt.availability()
+    return {"available": status.available, "tensorrt": status.version, "jetson": tensorrt.on_jetson()}
+
+
+def _stage_settings(ctx: BuildContext, stage: Stage) -> dict:
+    """What of the spec, and of this machine, a stage's output depends on."""
+    config = stage.config(ctx)
+    if stage.name in ("tensorrt-engine", "tensorrt-build-kit"):
+        config = {**config, "target": ctx.target.name, "device": dataclasses.asdict(ctx.target.device),
+                  "precision": ctx.target.precision, "here": _engine_here()}
+    return config
+
+
+def _build_key(root: str | None, spec: CompileSpec, stages: list[Stage]) -> str | None:
+    """Everything a whole build depends on; equal keys mean an identical build."""
+    if root is None:
+        return None
+    engine = any(s.name in ("tensorrt-engine", "tensorrt-build-kit") for s in stages)
+    blob = json.dumps({"root": root, "target": spec.target.content_hash(), "stages": [s.name for s in stages],
+                       "precision": spec.precision.to_dict(), "require_engine": spec.require_engine,
+                       "here": _engine_here() if engine else None}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _up_to_date_build(spec: CompileSpec) -> BuildResult | None:
+    """The existing build when nothing it depends on changed: a no-op that needs no MXNet import."""
+    from . import incremental
+    from .models import default_input_shape, family_of
+
+    if os.environ.get(CACHE_DISABLE_ENV) or _reduced(spec.target):
+        # A reduced-precision build depends on image directories' contents,
+        # which only its own (calibration-caching) stages read.
+        return None
+    family = family_of(spec.model)
+    provisional = ModelInfo(spec.model, family, "", default_input_shape(spec.model, family))
+    final = build_dir_for(spec, provisional)
+    try:
+        manifest = json.loads((final / MANIFEST_NAME).read_text())
+        input_shape = resolve_input_shape(spec, provisional)
+    except (OSError, ValueError, UserError):
+        return None
+    if manifest.get("status") != "ok" or not manifest.get("build_key"):
+        return None
+    stages = [s for s in STAGES if s.applies(spec.target)]
+    if manifest["build_key"] != _build_key(incremental.root_key(spec, provisional, input_shape), spec, stages):
+        return None
+    for artifact in manifest.get("artifacts", []):
+        path = final / artifact["path"]
+        if not path.is_file() or path.stat().st_size != artifact["bytes"]:
+            return None
+    return BuildResult(final, manifest, cached=True)
+
+
+def _run_stages(ctx: BuildContext, stages: list[Stage], reporter: Reporter, root: str | None, cache) -> None:
+    """Run each stage, or replay it from the cache when its key is already there."""
+    from . import incremental
+
+    verify = dataclasses.asdict(ctx.target.verify)
+    for index, stage in enumerate(stages, 1):
+        reporter.stage_started(stage.name, index, len(stages))
+        started = time.perf_counter()
+        parent_key = ctx.keys[stage.parent] if stage.parent else root
+        key = (incremental.stage_cache_key(parent_key, stage.name, _stage_settings(ctx, stage), verify)
+               if parent_key else None)
+        hit = cache.get(key) if cache is not None and key else None
+        if hit is not None:
+            incremental.replay(ctx, hit)
+            if stage.parent is None:
+                incremental.restore_model_outputs(ctx)
+                ctx.weights = hit.meta["weights"]
+            note = "cached; " + hit.meta.get("summary", "")
+        else:
+            before = incremental.snapshot(ctx) if cache is not None else None
+            note = stage.run(ctx)
+            if key is None:  # weights known only now (a model-store download)
+                key = incremental.stage_cache_key(ctx.weights["sha256"], stage.name, _stage_settings(ctx, stage),
+                                                  verify)
+            if cache is not None:
+                files, meta = incremental.capture(ctx, before)
+                cache.put(key, files, {**meta, "stage": stage.name, "summary": note, "weights": ctx.weights})
+        seconds = time.perf_counter() - started
+        ctx.keys[stage.name] = key
+        ctx.stages.append({"name": stage.name, "seconds": round(seconds, 3), "key": key,
+                           "parent": stage.parent, "summary": note, "cached": hit is not None})
+        reporter.stage_finished(stage.name, seconds, note)
+
+
 def compile_model(spec: CompileSpec, reporter: Reporter | None = None) -> BuildResult:
     """Build, verify and record every artifact the target asks for.
 
     Raises VerificationFailed after writing the failed build (with its
     manifest) to `<build dir>.failed`; the previous good build stays.
     """
+    from . import incremental
+    from .precision import apply_request
+
     reporter = reporter or SilentReporter()
+    spec = dataclasses.replace(spec, target=apply_request(spec.target, spec.precision))
+    up_to_date = _up_to_date_build(spec)
+    if up_to_date is not None:
+        return up_to_date
     info = resolve_model(spec.model)
     input_shape = resolve_input_shape(spec, info)
     if spec.weights.kind == "file" and not Path(spec.weights.path).is_file():
         raise UserError(f"weights file {spec.weights.path} does not exist", "check the --weights path")
+    if spec.require_engine:
+        _require_engine_here(spec.target)
     parent = prepare_out_dir(spec.out_dir, info.name)
     final = build_dir_for(spec, info)
     stages = [s for s in STAGES if s.applies(spec.target)]
+    root = incremental.root_key(spec, info, input_shape)
+    build_key = _build_key(root, spec, stages)
+    cache = _stage_cache(spec, root)
     with output_lock(final):
         staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.staging-", dir=parent))
         try:
             ctx = BuildContext(spec=spec, info=info, input_shape=input_shape, staging=staging)
-            target_hash = spec.target.content_hash()
-            for index, stage in enumerate(stages, 1):
-                reporter.stage_started(stage.name, index, len(stages))
-                started = time.perf_counter()
-                note = stage.run(ctx)
-                seconds = time.perf_counter() - started
-                if stage.parent is None:
-                    key = stage_key(ctx.model.weights["sha256"], stage.name,
-                                    {"model": info.name, "input_shape": input_shape}, target_hash)
-                else:
-                    key = stage_key(ctx.keys[stage.parent], stage.name, stage.config(ctx), target_hash)
-                ctx.keys[stage.name] = key
-                ctx.stages.append({"name": stage.name, "seconds": round(seconds, 3), "key": key,
-                                   "parent": stage.parent, "summary": note})
-                reporter.stage_finished(stage.name, seconds, note)
+            _run_stages(ctx, stages, reporter, root, cache)
+            (staging / incremental.MODEL_OUTPUTS_FILE).unlink(missing_ok=True)
+            ctx.extra["build_key"] = build_key
             manifest = _manifest(ctx, input_shape)
             if manifest["status"] == "ok":
                 write_json_atomic(staging / MANIFEST_NAME, manifest)
@@ -416,6 +632,14 @@ def compile_model(spec: CompileSpec, reporter: Reporter | None = None) -> BuildR
             write_json_atomic(staging / MANIFEST_NAME, manifest)
             _publish(staging, failed_dir)
             worst = [c for c in manifest["verifications"] if c["status"] == FAILED][0]
+            if worst["name"] == "accuracy-budget":
+                from .errors import AccuracyBudgetMissed
+                from .precision import budget_table
+
+                raise AccuracyBudgetMissed(
+                    f"{worst['artifact']}: {worst['detail']}",
+                    f"failed build kept in {failed_dir}; raise --max-accuracy-drop, use more or better "
+                    f"--calib-data, or raise quantize.max_fp32_layers", table=budget_table(manifest))
             raise VerificationFailed(
                 f"{worst['artifact']} failed {worst['name']}: {worst['detail']}",
                 f"failed build kept in {failed_dir}; the previous build in {final} is untouched")
@@ -436,7 +660,8 @@ def _manifest(ctx: BuildContext, input_shape: tuple[int, ...]) -> dict:
                              for name in ctx.input_names},
                   "outputs": {name: {"shape": list(out.shape), "dtype": str(out.dtype)}
                               for name, out in zip(ctx.output_names, ctx.reference_outputs)}},
-        "weights": ctx.model.weights,
+        "weights": ctx.weights,
+        "build_key": ctx.extra.pop("build_key", None),
         "target": ctx.target.to_dict(),
         "target_hash": ctx.target.content_hash(),
         "tools": tool_versions(),

@@ -31,9 +31,15 @@ ARTIFACT_KINDS = (
     "onnx-fp16",           # FP16 graph with FP32 inputs/outputs
     "tensorrt-engine",     # serialized engine, built here when TensorRT and a GPU exist
     "tensorrt-build-kit",  # everything needed to build the engine on the device
+    # Added by --precision (see precision.reduced_kinds), or listed by a target:
+    "mxnet-int8",          # MKL-DNN INT8 symbol/params (x86)
+    "mxnet-bf16",          # MXNet AMP bfloat16 (x86 with avx512_bf16)
+    "mxnet-fp16",          # MXNet AMP float16 (CUDA)
+    "onnx-int8",           # explicit symmetric Q/DQ ONNX (TensorRT 8.5+, ONNX Runtime)
 )
 DEVICE_KINDS = ("x86", "cuda", "jetson")
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+CALIB_MODES = ("naive", "entropy")
 
 
 @dataclass(frozen=True)
@@ -79,9 +85,24 @@ class VerifySpec:
     # Pass iff max|a-b| <= atol + rtol * max|ref| for every output.
     rtol: float = 1e-4
     atol: float = 1e-5
-    fp16_rtol: float = 1e-2
+    fp16_rtol: float = 5e-2
     fp16_atol: float = 1e-3
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class QuantizeSpec:
+    # naive: min/max of the calibration activations; entropy: KL-divergence thresholds (slower).
+    calib_mode: str = "naive"
+    # Accuracy fallback: at most this many of the most sensitive layers go back to FP32.
+    max_fp32_layers: int = 16
+
+
+@dataclass(frozen=True)
+class AccuracySpec:
+    # Largest drop, in percentage points, of the headline agreement with the FP32
+    # reference (top-1 for classifiers, pixel agreement for segmentation).
+    max_drop: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -96,6 +117,8 @@ class TargetSpec:
     tensorrt: TensorRTSpec | None = None
     mxnet: MXNetSpec = field(default_factory=MXNetSpec)
     verify: VerifySpec = field(default_factory=VerifySpec)
+    quantize: QuantizeSpec = field(default_factory=QuantizeSpec)
+    accuracy: AccuracySpec = field(default_factory=AccuracySpec)
     source: str = ""
 
     def to_dict(self) -> dict:
@@ -225,6 +248,20 @@ def _validate(spec: TargetSpec, path: Path) -> None:
         raise bad("'onnx-fp16' is converted from the 'onnx' artifact", "add 'onnx' to emit")
     if spec.emits("mxnet-mkldnn") and spec.device.kind != "x86":
         raise bad("'mxnet-mkldnn' runs only on x86 CPUs", "remove it or set device.kind = \"x86\"")
+    for kind in ("mxnet-int8", "mxnet-bf16"):
+        if spec.emits(kind) and spec.device.kind != "x86":
+            raise bad(f"'{kind}' runs only on x86 CPUs", "remove it or set device.kind = \"x86\"")
+    if spec.emits("mxnet-fp16") and spec.device.kind == "x86":
+        raise bad("'mxnet-fp16' needs a GPU (MXNet has no CPU FP16 GEMM)", "use 'mxnet-bf16' on x86")
+    if spec.emits("onnx-int8") and not spec.emits("onnx"):
+        raise bad("'onnx-int8' is quantized from the 'onnx' artifact", "add 'onnx' to emit")
+    if spec.quantize.calib_mode not in CALIB_MODES:
+        raise bad(f"quantize.calib_mode '{spec.quantize.calib_mode}' is not one of {', '.join(CALIB_MODES)}",
+                  "use one of those")
+    if spec.quantize.max_fp32_layers < 0:
+        raise bad("quantize.max_fp32_layers is negative", "use 0 to disable the accuracy fallback")
+    if not 0 <= spec.accuracy.max_drop <= 100:
+        raise bad(f"accuracy.max_drop {spec.accuracy.max_drop} is not between 0 and 100", "give percentage points")
     trt = spec.tensorrt
     if trt is not None:
         for label, text in (("tensorrt.version", trt.version), ("tensorrt.strongly_typed_from", trt.strongly_typed_from)):

@@ -205,7 +205,7 @@ def verify_build(build_dir) -> BuildVerification:
     status = availability()
     if not engines:
         checks.append(Check("engine-deserialize", kits[0], NOT_RUN,
-                            "not run: the engine is built on the device by build_engine.py"))
+                            "not run: no engine in this build; build_engine.py builds it where TensorRT and a GPU exist"))
     for engine in engines:
         if not status.available:
             checks.append(Check("engine-deserialize", engine["path"], NOT_RUN, f"not run: {status.reason}"))

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
-# Tests must never reach for a model store they cannot download from.
+# Tests must never reach for a model store they cannot download from, nor
+# share a stage cache with the user's builds or an earlier run.
 os.environ.setdefault("MXNET_HOME", str(Path(__file__).resolve().parent / ".mxnet-home-unused"))
+os.environ["INFC_CACHE_DIR"] = tempfile.mkdtemp(prefix="infc-test-cache-")
 
 SMALL_MODEL = "cifar_resnet20_v1"
 SMALL_SHAPE = "1x3x32x32"

@@ -132,6 +132,7 @@ def test_a_failed_check_keeps_the_previous_build_and_says_by_how_much(tmp_path):
 def test_interrupt_mid_build_leaves_the_previous_build(tmp_path, monkeypatch):
     import compiler.pipeline as pipeline
 
+    monkeypatch.setenv("INFC_NO_CACHE", "1")  # the onnx stage must really run
     first = compile_model(_spec(tmp_path))
     before = (first.build_dir / "manifest.json").read_bytes()
 
