@@ -35,9 +35,23 @@ TARGET_STAMPS := $(foreach t,$(RESOLVED_TARGETS),$(STAMP_DIR)/target-$(t).sha256
 # refreshes an existing install.
 INFC_READY := $(if $(wildcard $(INFC)),,$(STAMP))
 
-.PHONY: install test test-fast artifacts bundles clean clean-artifacts FORCE
+.PHONY: install system-deps test test-fast artifacts bundles clean clean-artifacts FORCE
 
-install: $(STAMP)
+install: $(STAMP) system-deps
+
+# Graphviz draws the network pictures (`infc profile`); Chromium renders the
+# HTML report in its test. Installed with apt when missing and we are root.
+system-deps:
+	@missing=""; command -v dot >/dev/null 2>&1 || missing="$$missing graphviz"; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing$$missing with apt-get"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	  else \
+	    echo "make: missing$$missing: install them (Debian/Ubuntu: sudo apt-get install$$missing)" >&2; exit 1; \
+	  fi; \
+	fi
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -46,10 +60,10 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $@
 
 # pytest exits 5 when it collects nothing; make treats every non-zero as failure.
-test: $(STAMP)
+test: $(STAMP) system-deps
 	$(PY) -m pytest $(PYTEST_ARGS) tests
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) system-deps
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS) tests
 
 artifacts: $(MANIFESTS)
