@@ -182,3 +182,26 @@ def test_console_script_runs(tmp_path):
     result = subprocess.run([infc, "compile", "nope_net", "--target", "jetson", "--out", str(tmp_path)],
                             capture_output=True, text=True)
     assert result.returncode == UserError.exit_code and "unknown model 'nope_net'" in result.stderr
+
+
+def test_ctrl_c_mid_build_exits_130_and_keeps_the_previous_build(capsys, tmp_path, monkeypatch):
+    import compiler.pipeline as pipeline
+
+    monkeypatch.setenv("INFC_NO_CACHE", "1")
+    args = ["compile", SMALL_MODEL, "--target", "x86-mkldnn", "--random-init", "--input-shape", SMALL_SHAPE,
+            "--out", tmp_path, "--quiet"]
+    assert run_cli(args) == 0
+    build = tmp_path / SMALL_MODEL / "x86-mkldnn"
+    before = (build / "manifest.json").read_bytes()
+
+    def press_ctrl_c(ctx):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "STAGES", tuple(
+        pipeline.Stage(s.name, s.parent, press_ctrl_c if s.name == "onnx" else s.run, s.applies, s.config)
+        for s in pipeline.STAGES))
+    assert run_cli(args) == 130
+    err = capsys.readouterr().err.strip()
+    assert "interrupted" in err and "intact" in err and len(err.splitlines()) == 1
+    assert (build / "manifest.json").read_bytes() == before
+    assert not [p for p in build.parent.iterdir() if "staging" in p.name]
