@@ -55,6 +55,31 @@ def fused_layer_names(backend_symbol) -> dict[str, str]:
     return mapping
 
 
+# Ops that pass one tensor through; a producer is looked for behind them.
+_PASS_THROUGH = ("Activation", "Pooling", "Flatten", "Dropout", "Reshape", "_contrib_quantize_v2")
+
+
+def input_producers(backend_symbol, fused_names: list[str]) -> list[str]:
+    """The fused compute nodes whose output is the data input of these nodes.
+
+    MKL-DNN requantizes a quantized convolution's output to INT8 whatever
+    consumes it, so a layer kept in FP32 still gets an INT8-rounded input
+    unless the node producing that input stays in FP32 too.
+    """
+    nodes = json.loads(backend_symbol.tojson())["nodes"]
+    index = {node["name"]: i for i, node in enumerate(nodes)}
+    compute = {"_sg_mkldnn_conv", "_sg_mkldnn_fully_connected"} | set(COMPUTE_OPS)
+    producers = []
+    for name in fused_names:
+        entry = nodes[index[name]]["inputs"][0]
+        node = nodes[entry[0]]
+        while node["op"] in _PASS_THROUGH and node["inputs"]:
+            node = nodes[node["inputs"][0][0]]
+        if node["op"] in compute:
+            producers.append(node["name"])
+    return producers
+
+
 class FixedThresholds:
     """A quantize_net_v2 'customize' collector that hands over thresholds found earlier.
 
@@ -154,7 +179,8 @@ def quantize_mxnet(symbol_path: Path, params_path: Path, input_name: str, batche
     symbol, args, auxs = load_symbol_params(symbol_path, params_path)
     backend = symbol.get_backend_symbol(MKLDNN_QUANTIZE)
     fused = fused_layer_names(backend)
-    excluded = sorted({fused[name] for name in keep_fp32 if name in fused})
+    kept = sorted({fused[name] for name in keep_fp32 if name in fused})
+    excluded = sorted(set(kept) | set(input_producers(backend, kept)))
     thresholds = dict(known or {})
     calibrated_now: list[str] = []
 

@@ -60,8 +60,14 @@ def test_mxnet_int8_keeps_requested_layers_in_fp32_and_reuses_known_ranges(fp32)
     second.block(mx.nd.array(fp32["batches"][0]))
     second.block.export(str(prefix))
     names = {n["name"] for n in json.loads(Path(f"{prefix}-symbol.json").read_text())["nodes"]}
-    kept = [name for name in second.excluded_fused if name not in second.backend_workaround]
-    assert len(kept) == 1 and kept[0] in names and f"quantized_{kept[0]}" not in names
+    symbol, _, _ = quantize.load_symbol_params(fp32["symbol"], fp32["params"])
+    backend = symbol.get_backend_symbol("MKLDNN_QUANTIZE")
+    victim = quantize.fused_layer_names(backend)[layer]
+    producers = quantize.input_producers(backend, [victim])
+    assert len(producers) == 1  # the previous block's conv+sum, whose INT8 output would feed the FP32 layer
+    assert set(second.excluded_fused) == {victim, *producers, *second.backend_workaround}
+    for name in (victim, *producers):
+        assert name in names and f"quantized_{name}" not in names
 
 
 def test_signed_residuals_into_relu_sums_are_kept_in_fp32(fp32):
