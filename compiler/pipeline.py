@@ -290,6 +290,41 @@ def _stage_reference(ctx: BuildContext) -> str:
     return f"seeded input (seed {ctx.target.verify.seed}) and MXNet FP32 outputs"
 
 
+REDUCED_KINDS = ("mxnet-int8", "mxnet-bf16", "mxnet-fp16", "onnx-int8")
+
+
+def run_artifact(root: Path, artifacts: list[dict], kind: str, inputs: list[np.ndarray],
+                 input_names: list[str]) -> list[np.ndarray] | None:
+    """Run one artifact kind of a build on this machine's CPU; None if it has no CPU runtime here."""
+    from .runner import load_mxnet, ort_session, run_mxnet, run_onnx
+
+    files = {a["format"]: a["path"] for a in artifacts if a["kind"] == kind}
+    if "mxnet-symbol-json" in files and "mxnet-params" in files:
+        if kind == "mxnet-fp16":
+            return None  # MXNet has no FP16 GEMM on the CPU
+        block = load_mxnet(root / files["mxnet-symbol-json"], root / files["mxnet-params"], input_names)
+        return run_mxnet(block, inputs)
+    if "onnx" in files:
+        return run_onnx(ort_session(root / files["onnx"]), inputs)
+    return None
+
+
+def _stage_reduced_reference(ctx: BuildContext) -> str:
+    """What each reduced-precision artifact computes on the reference input, so
+    `infc verify` can re-run it and notice if it no longer does."""
+    recorded = []
+    artifacts = [a.to_dict() for a in ctx.artifacts]
+    for kind in REDUCED_KINDS:
+        outputs = run_artifact(ctx.staging, artifacts, kind, ctx.reference_inputs, ctx.input_names)
+        if outputs is None:
+            continue
+        relative = f"reference/{kind}-outputs.npz"
+        np.savez(ctx.path(relative), **dict(zip(ctx.output_names, outputs)))
+        ctx.add_artifact(relative, "reference", "npz")
+        recorded.append(kind)
+    return f"outputs of {', '.join(recorded)} on the reference input" if recorded else "no CPU-runnable artifact"
+
+
 def _precision_stage(name: str):
     """Reduced-precision stages live in precision.py, imported only by builds that ask for them."""
     def run(ctx: BuildContext) -> str:
@@ -338,6 +373,7 @@ STAGES: tuple[Stage, ...] = (
           config=lambda ctx: dataclasses.asdict(ctx.target.tensorrt)),
     Stage("tensorrt-build-kit", "onnx", _stage_build_kit, applies=lambda t: t.emits("tensorrt-build-kit"),
           config=lambda ctx: dataclasses.asdict(ctx.target.tensorrt)),
+    Stage("reduced-reference", "load", _stage_reduced_reference, applies=_reduced),
     Stage("reference", "load", _stage_reference),
 )
 

@@ -196,6 +196,27 @@ def verify_build(build_dir) -> BuildVerification:
                                              compare_outputs(outputs, reference_outputs, output_names, rtol, atol))
             timed(checker)
             timed(parity)
+    from .pipeline import REDUCED_KINDS, run_artifact
+
+    for kind in REDUCED_KINDS:
+        recorded = root / f"reference/{kind}-outputs.npz"
+        if kind not in by_kind:
+            continue
+        if not recorded.is_file():
+            checks.append(Check("rerun-consistency", kind, NOT_RUN, "not run: the build recorded no outputs for it"))
+            continue
+
+        def rerun(kind=kind, recorded=recorded):
+            outputs = run_artifact(root, manifest["artifacts"], kind, inputs, list(manifest["model"]["inputs"]))
+            if outputs is None:
+                return Check("rerun-consistency", kind, NOT_RUN, "not run: no CPU runtime for it here")
+            with np.load(recorded) as data:
+                expected = [data[name] for name in output_names]
+            # Same artifact, same input: only kernel differences between CPUs are allowed for.
+            comparison = compare_outputs(outputs, expected, output_names, tolerances["fp16_rtol"],
+                                         tolerances["fp16_atol"])
+            return Check.from_comparison("rerun-consistency", kind, comparison)
+        timed(rerun)
     engines = [a for a in manifest["artifacts"] if a["path"].endswith(".engine")]
     kits = sorted({str(Path(a["path"]).parent) for a in by_kind.get("tensorrt-build-kit", [])})
     if not (engines or kits):

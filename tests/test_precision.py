@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from compiler.errors import AccuracyBudgetMissed
+from compiler.errors import AccuracyBudgetMissed, VerificationFailed
 from compiler.precision import PrecisionRequest, apply_request, reduced_kinds
 from compiler.targets import resolve_target
 
@@ -420,3 +420,27 @@ def test_fp16_for_cuda_is_built_and_honestly_not_run_here(tmp_path):
     # The ONNX FP16 artifact does run here, and is measured against the budget on the seeded input.
     assert checks[("onnx-fp16", "accuracy-budget")]["status"] == "passed"
     assert any("seeded reference input" in note for note in manifest["notes"])
+
+
+def test_verify_reruns_reduced_precision_artifacts(digits_x86, tmp_path, capsys):
+    import shutil
+
+    from compiler.manifest import sha256_path, write_json_atomic
+
+    assert run_cli(["verify", digits_x86, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    reruns = {c["artifact"]: c["status"] for c in report["checks"] if c["name"] == "rerun-consistency"}
+    assert reruns == {"mxnet-int8": "passed", "onnx-int8": "passed"}
+    # An artifact that no longer computes what it did at build time fails, even with consistent hashes.
+    build = tmp_path / "copy"
+    shutil.copytree(digits_x86, build)
+    recorded = build / "reference/mxnet-int8-outputs.npz"
+    outputs = {k: v * 2.0 + 1.0 for k, v in np.load(recorded).items()}
+    np.savez(recorded, **outputs)
+    manifest = read_manifest(build)
+    for artifact in manifest["artifacts"]:
+        if artifact["path"] == "reference/mxnet-int8-outputs.npz":
+            artifact["sha256"], artifact["bytes"] = sha256_path(recorded), recorded.stat().st_size
+    write_json_atomic(build / "manifest.json", manifest)
+    assert run_cli(["verify", build]) == VerificationFailed.exit_code
+    assert "mxnet-int8 failed rerun-consistency" in capsys.readouterr().err
