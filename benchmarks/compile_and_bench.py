@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -96,8 +97,7 @@ def compile_in_child(job: Job, out_root: Path, cache_dir: Path) -> dict:
         manifest = {"build_dir": str(failed_build), **json.loads((failed_build / "manifest.json").read_text())}
         record["verification_failed"] = json.loads(text).get("error") if text.strip() else "see the log"
     elif process.returncode != 0:
-        tail = [line for line in log.read_text(errors="replace").splitlines() if line.strip()][-1:]
-        record["error"] = tail[0] if tail else f"exit code {process.returncode}"
+        record["error"] = failure_line(log.read_text(errors="replace"), process.returncode)
         return record
     else:
         manifest = json.loads(text)
@@ -105,6 +105,18 @@ def compile_in_child(job: Job, out_root: Path, cache_dir: Path) -> dict:
     record["stages"] = {s["name"]: s["seconds"] for s in manifest["stages"]}
     record["artifacts"] = sorted({a["kind"] for a in manifest["artifacts"] if a["kind"] != "reference"})
     return record
+
+
+def failure_line(log: str, code: int) -> str:
+    """The line that says what went wrong: infc's own one-line error, or the exception under a traceback."""
+    lines = [line.strip() for line in log.splitlines() if line.strip()]
+    own = [line for line in lines if line.startswith("infc:") and "internal error" not in line]
+    if own:
+        return own[-1]
+    raised = [line for line in lines if re.match(r"^[\w.]+(Error|Exception)\b", line)]
+    if raised:
+        return f"internal error: {raised[-1]}"
+    return lines[-1] if lines else f"exit code {code}"
 
 
 def speedup_vs(rows: dict, name: str, reference: str) -> float | None:

@@ -32,8 +32,8 @@ BENCH_SCHEMA = 1
 DEFAULT_WARMUP = 2
 DEFAULT_DURATION_S = 10.0
 MIN_ITERATIONS = 5          # with --duration: never fewer samples than this
-CEILING_GEMM_SIZE = 2048
-CEILING_BUDGET_S = 1.5
+CEILING_GEMM_SIZES = (1024, 1536, 2048)   # GEMM throughput varies with size: take the best of a few
+CEILING_BUDGET_S = 0.5                    # per library and size
 
 ProgressFn = Callable[[dict], None]
 
@@ -340,8 +340,10 @@ def compare_rows(rows: list[dict], ceilings: dict | None, flops_per_inference: f
             # Only a ceiling of the artifact's own precision bounds it (bf16 units can outrun fp32 ones).
             if (roof.get("percent_of_ceiling") or 0) > 100 and key == row["precision"]:
                 warnings.append(f"{row['name']} ran at {roof['achieved_gflops']:.0f} GFLOP/s, above the measured "
-                                f"{key} ceiling of {ceiling['gflops']:.0f}: the ceiling was measured while the "
-                                "machine was busier")
+                                f"{key} GEMM ceiling of {ceiling['gflops']:.0f}: either no GEMM library measured "
+                                "reaches this CPU's peak, the runtime skips work the FLOP count includes "
+                                "(e.g. taps in the padding of dilated convolutions), or the machine was busier "
+                                "while the ceiling was measured")
         row["roofline"] = roof
     return warnings
 
@@ -404,7 +406,7 @@ def bench_build(build_dir: Path, options: BenchOptions = BenchOptions(),
         emit({"event": "phase", "phase": f"GEMM ceilings ({when})", "artifact": "ceilings", "index": 0,
               "total": len(artifacts)})
         try:
-            run = run_worker({"task": "ceilings", "size": CEILING_GEMM_SIZE, "budget_s": CEILING_BUDGET_S,
+            run = run_worker({"task": "ceilings", "sizes": CEILING_GEMM_SIZES, "budget_s": CEILING_BUDGET_S,
                               "threads": options.threads})
             ceiling_runs.append({"when": when, "load_average": os.getloadavg()[0], **run})
         except WorkerFailed as exc:
@@ -521,6 +523,7 @@ def bench_build(build_dir: Path, options: BenchOptions = BenchOptions(),
         "seconds": time.time() - started,
     })
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out, data)
     except OSError as exc:
         raise UserError(f"cannot write the bench results to {out}: {exc.strerror or exc}",
@@ -529,12 +532,13 @@ def bench_build(build_dir: Path, options: BenchOptions = BenchOptions(),
 
 
 def _check_writable(path: Path) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tempfile.NamedTemporaryFile(dir=path.parent, prefix=".probe-").close()
-    except OSError as exc:
-        raise UserError(f"cannot write the bench results to {path}: {exc.strerror or exc}",
-                        "pass a writable --output FILE") from None
+    """Fail early on an output nobody can write, without creating anything yet."""
+    existing = path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write the bench results to {path}: {existing} is not a writable directory",
+                        "pass a writable --output FILE")
 
 
 def load_bench(path: Path) -> dict:

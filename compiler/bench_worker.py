@@ -348,10 +348,11 @@ def bench_task(request: dict, emit) -> dict:
 def ceilings_task(request: dict, emit) -> dict:
     from .roofline import measure_fp32_ceiling, measure_int8_ceiling
 
+    sizes = tuple(request["sizes"])
     emit({"event": "phase", "phase": "fp32 SGEMM"})
-    fp32 = measure_fp32_ceiling(request["size"], request["budget_s"])
+    fp32 = measure_fp32_ceiling(sizes, request["budget_s"], threads=request.get("threads"))
     emit({"event": "phase", "phase": "int8 GEMM"})
-    int8 = measure_int8_ceiling(request["size"], request["budget_s"], threads=request.get("threads"))
+    int8 = measure_int8_ceiling(sizes, request["budget_s"], threads=request.get("threads"))
     return {"fp32": fp32.to_dict(), "int8": int8.to_dict()}
 
 

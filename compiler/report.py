@@ -17,7 +17,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .bench import BENCH_SCHEMA, load_bench
+from .bench import load_bench
 from .errors import UserError
 from .manifest import load_manifest
 from .profiling import load_profile
@@ -368,4 +368,4 @@ def write_text_atomic(path: Path, text: str) -> None:
         raise
 
 
-__all__ = ["ReportOptions", "render_report", "latency_chart", "roofline_chart", "BENCH_SCHEMA"]
+__all__ = ["ReportOptions", "render_report", "latency_chart", "roofline_chart"]

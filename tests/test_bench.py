@@ -252,7 +252,7 @@ def test_rows_get_speedups_and_roofline_and_impossible_numbers_are_flagged():
     assert baseline["roofline"]["percent_of_ceiling"] == pytest.approx(12.5)
     assert int8["roofline"]["ceiling"] == "int8" and int8["roofline"]["percent_of_ceiling"] == pytest.approx(10.0)
     assert fused["roofline"]["percent_of_ceiling"] == pytest.approx(125.0)
-    assert len(warnings) == 1 and "mxnet-mkldnn" in warnings[0] and "above the measured fp32 ceiling" in warnings[0]
+    assert len(warnings) == 1 and "mxnet-mkldnn" in warnings[0] and "above the measured fp32 GEMM ceiling" in warnings[0]
     assert "roofline" not in engine
     compare_rows(rows, {"error": "worker killed"}, 1e9)
     assert baseline["roofline"]["percent_of_ceiling"] is None and "not measured" in baseline["roofline"]["note"]
@@ -421,3 +421,12 @@ def test_an_unwritable_output_fails_before_measuring(capsys, small_builds, tmp_p
         UserError.exit_code
     captured = capsys.readouterr()
     assert "cannot write the bench results" in captured.err and "[1/" not in captured.err
+
+
+def test_rejected_runs_leave_the_build_untouched(capsys, small_builds, tmp_path):
+    build = linked_copy(small_builds["x86-mkldnn"], tmp_path / "build")
+    before = sorted(p.relative_to(build) for p in build.rglob("*"))
+    for args in (["--artifact", "onnx-fp17"], ["--iterations", "0"], ["--batch", "0"]):
+        assert run_cli(["bench", build, *args]) == UserError.exit_code
+    assert run_cli(["profile", build, "--artifact", "nope"]) == UserError.exit_code
+    assert sorted(p.relative_to(build) for p in build.rglob("*")) == before

@@ -90,11 +90,17 @@ def test_int8_ceiling_runs_a_real_integer_gemm():
     np.testing.assert_array_equal(out, a.astype(np.int64) @ weight.astype(np.int64))
 
 
-def test_ceilings_report_gemm_throughput_from_their_best_run():
-    for ceiling in (measure_fp32_ceiling(256, budget_s=0.05), measure_int8_ceiling(256, budget_s=0.05, threads=1)):
-        assert ceiling.runs >= 3
-        assert ceiling.gflops == pytest.approx(2 * 256 ** 3 / ceiling.best_seconds / 1e9)
-    assert "numpy" in measure_fp32_ceiling(128, 0.01).method
+def test_ceilings_are_the_best_gemm_of_every_library_and_size_tried():
+    fp32 = measure_fp32_ceiling((128, 256), budget_s=0.02)
+    int8 = measure_int8_ceiling((128, 256), budget_s=0.02, threads=1)
+    assert [c["method"].split()[0] for c in fp32.candidates] == ["numpy", "onnxruntime", "onnxruntime"]
+    assert [c["size"] for c in int8.candidates] == [128, 256]
+    for ceiling in (fp32, int8):
+        assert all(c["runs"] >= 3 for c in ceiling.candidates)
+        for candidate in ceiling.candidates:
+            assert candidate["gflops"] == pytest.approx(2 * candidate["size"] ** 3 / candidate["seconds"] / 1e9)
+        assert ceiling.gflops == max(c["gflops"] for c in ceiling.candidates)
+        assert ceiling.method == max(ceiling.candidates, key=lambda c: c["gflops"])["method"]
 
 
 def test_each_precision_is_held_against_its_own_ceiling():
