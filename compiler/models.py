@@ -275,15 +275,12 @@ def _calibrate_batchnorm(net, sample) -> None:
     branch_ends = _residual_branch_batchnorms(net)
 
     def set_statistics(block, inputs):
-        x = inputs[0]
+        # numpy reduces over (N, H, W) about ten times faster than MXNet's CPU reduce.
+        x = inputs[0].asnumpy()
         axis = block._kwargs.get("axis", 1) % x.ndim
         reduce_axes = tuple(i for i in range(x.ndim) if i != axis)
-        mean = x.mean(axis=reduce_axes)
-        shape = [1] * x.ndim
-        shape[axis] = -1
-        var = ((x - mean.reshape(shape)) ** 2).mean(axis=reduce_axes)
-        block.running_mean.set_data(mean)
-        block.running_var.set_data(var)
+        block.running_mean.set_data(mx.nd.array(x.mean(axis=reduce_axes)))
+        block.running_var.set_data(mx.nd.array(x.var(axis=reduce_axes)))
         if block.name in branch_ends:
             block.gamma.set_data(mx.nd.full(block.gamma.shape, RESIDUAL_BRANCH_GAMMA))
 

@@ -592,12 +592,24 @@ def _up_to_date_build(spec: CompileSpec) -> BuildResult | None:
     return BuildResult(final, manifest, cached=True)
 
 
+# Stages that need the network in memory (ctx.ensure_model()).
+_STAGES_USING_THE_NETWORK = ("load", "mxnet-portable", "mxnet-mkldnn")
+
+
 def _run_stages(ctx: BuildContext, stages: list[Stage], reporter: Reporter, root: str | None, cache) -> None:
     """Run each stage, or replay it from the cache when its key is already there."""
     from . import incremental
 
     verify = dataclasses.asdict(ctx.target.verify)
     for index, stage in enumerate(stages, 1):
+        if ctx.model is not None and not _reduced(ctx.target) and not any(
+                s.name in _STAGES_USING_THE_NETWORK for s in stages[index - 1:]):
+            # The network and its weights (1 GB for deeplab) are not needed by
+            # the ONNX and TensorRT stages: free them for the exporter's peak.
+            ctx.model = None
+            import gc
+
+            gc.collect()
         reporter.stage_started(stage.name, index, len(stages))
         started = time.perf_counter()
         parent_key = ctx.keys[stage.parent] if stage.parent else root
