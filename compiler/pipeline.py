@@ -162,6 +162,9 @@ def _export_mxnet(ctx: BuildContext, prefix: str, **hybridize) -> tuple[str, str
     net(mx.nd.array(ctx.reference_inputs[0]))
     ctx.path(prefix)
     net.export(str(ctx.staging / prefix))
+    # static_alloc keeps every activation buffer of the graph alive (~1 GB for
+    # deeplab at 480x480); the exported files are all later stages need.
+    net._clear_cached_op()
     return f"{prefix}-symbol.json", f"{prefix}-0000.params"
 
 
