@@ -9,7 +9,6 @@ context -- is captured generically after it runs and replayed on a hit.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -133,7 +132,3 @@ def restore_model_outputs(ctx) -> None:
 
         ctx.reference_inputs = series("input")
         ctx.reference_outputs = series("output")
-
-
-def as_config(value) -> dict:
-    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else dict(value or {})
