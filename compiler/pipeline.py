@@ -27,7 +27,7 @@ from .manifest import (MANIFEST_NAME, SCHEMA_VERSION, ArtifactRecord, record_art
                        write_json_atomic)
 from .models import LoadedModel, ModelInfo, WeightsRequest, load_model, reference_input, resolve_model
 from .precision import PrecisionRequest
-from .targets import TargetSpec
+from .targets import REDUCED_KINDS, TargetSpec
 from .verify import FAILED, NOT_RUN, PASSED, Check, compare_outputs
 
 
@@ -104,6 +104,11 @@ class BuildContext:
     def add_check(self, check: Check) -> Check:
         self.checks.append(check)
         return check
+
+    def save_references(self, inputs_relative: str, outputs_relative: str) -> None:
+        """The seeded input and the MXNet FP32 outputs, as npz keyed by tensor name."""
+        np.savez(self.path(inputs_relative), **dict(zip(self.input_names, self.reference_inputs)))
+        np.savez(self.path(outputs_relative), **dict(zip(self.output_names, self.reference_outputs)))
 
     def path(self, relative: str) -> Path:
         target = self.staging / relative
@@ -286,35 +291,17 @@ def _stage_build_kit(ctx: BuildContext) -> str:
 
 
 def _stage_reference(ctx: BuildContext) -> str:
-    np.savez(ctx.path("reference/outputs.npz"), **dict(zip(ctx.output_names, ctx.reference_outputs)))
-    np.savez(ctx.path("reference/inputs.npz"), **dict(zip(ctx.input_names, ctx.reference_inputs)))
+    ctx.save_references("reference/inputs.npz", "reference/outputs.npz")
     ctx.add_artifact("reference/inputs.npz", "reference", "npz")
     ctx.add_artifact("reference/outputs.npz", "reference", "npz")
     return f"seeded input (seed {ctx.target.verify.seed}) and MXNet FP32 outputs"
 
 
-REDUCED_KINDS = ("mxnet-int8", "mxnet-bf16", "mxnet-fp16", "onnx-int8")
-
-
-def run_artifact(root: Path, artifacts: list[dict], kind: str, inputs: list[np.ndarray],
-                 input_names: list[str]) -> list[np.ndarray] | None:
-    """Run one artifact kind of a build on this machine's CPU; None if it has no CPU runtime here."""
-    from .runner import load_mxnet, ort_session, run_mxnet, run_onnx
-
-    files = {a["format"]: a["path"] for a in artifacts if a["kind"] == kind}
-    if "mxnet-symbol-json" in files and "mxnet-params" in files:
-        if kind == "mxnet-fp16":
-            return None  # MXNet has no FP16 GEMM on the CPU
-        block = load_mxnet(root / files["mxnet-symbol-json"], root / files["mxnet-params"], input_names)
-        return run_mxnet(block, inputs)
-    if "onnx" in files:
-        return run_onnx(ort_session(root / files["onnx"]), inputs)
-    return None
-
-
 def _stage_reduced_reference(ctx: BuildContext) -> str:
     """What each reduced-precision artifact computes on the reference input, so
     `infc verify` can re-run it and notice if it no longer does."""
+    from .runner import run_artifact
+
     recorded = []
     artifacts = [a.to_dict() for a in ctx.artifacts]
     for kind in REDUCED_KINDS:
@@ -347,7 +334,7 @@ def _precision_config(ctx: BuildContext) -> dict:
 
 
 def _reduced(target: TargetSpec) -> bool:
-    return any(target.emits(k) for k in ("mxnet-int8", "mxnet-bf16", "mxnet-fp16", "onnx-int8"))
+    return any(target.emits(k) for k in REDUCED_KINDS)
 
 
 STAGES: tuple[Stage, ...] = (

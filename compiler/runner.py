@@ -66,3 +66,17 @@ def ort_session(path: Path, threads: int | None = None, profile_prefix: str | No
 def run_onnx(session, inputs: list[np.ndarray]) -> list[np.ndarray]:
     feeds = {i.name: x for i, x in zip(session.get_inputs(), inputs)}
     return session.run(None, feeds)
+
+
+def run_artifact(root: Path, artifacts: list[dict], kind: str, inputs: list[np.ndarray],
+                 input_names: list[str]) -> list[np.ndarray] | None:
+    """Run one artifact kind of a build (manifest records) on this CPU; None if it has no CPU runtime here."""
+    files = {a["format"]: a["path"] for a in artifacts if a["kind"] == kind}
+    if "mxnet-symbol-json" in files and "mxnet-params" in files:
+        if kind == "mxnet-fp16":
+            return None  # MXNet has no FP16 GEMM on the CPU
+        block = load_mxnet(root / files["mxnet-symbol-json"], root / files["mxnet-params"], input_names)
+        return run_mxnet(block, inputs)
+    if "onnx" in files:
+        return run_onnx(ort_session(root / files["onnx"]), inputs)
+    return None

@@ -37,6 +37,8 @@ ARTIFACT_KINDS = (
     "mxnet-fp16",          # MXNet AMP float16 (CUDA)
     "onnx-int8",           # explicit symmetric Q/DQ ONNX (TensorRT 8.5+, ONNX Runtime)
 )
+# The kinds --precision adds: reduced-precision artifacts.
+REDUCED_KINDS = ("mxnet-int8", "mxnet-bf16", "mxnet-fp16", "onnx-int8")
 DEVICE_KINDS = ("x86", "cuda", "jetson")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 CALIB_MODES = ("naive", "entropy")

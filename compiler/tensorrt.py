@@ -15,8 +15,6 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from .errors import MissingDependency, VerificationFailed
 from .verify import FAILED, PASSED, Check
 
@@ -99,8 +97,7 @@ def read_settings(ctx, kit: str) -> dict:
 
 
 def _write_references(ctx, kit: str) -> None:
-    np.savez(ctx.path(f"{kit}/reference_inputs.npz"), **dict(zip(ctx.input_names, ctx.reference_inputs)))
-    np.savez(ctx.path(f"{kit}/reference_outputs.npz"), **dict(zip(ctx.output_names, ctx.reference_outputs)))
+    ctx.save_references(f"{kit}/reference_inputs.npz", f"{kit}/reference_outputs.npz")
 
 
 KIT_README = """\

@@ -162,15 +162,17 @@ def verify_build(build_dir) -> BuildVerification:
         check.seconds = time.perf_counter() - started
         checks.append(check)
 
-    for kind in ("mxnet-portable", "mxnet-mkldnn"):
-        files = {a["format"]: a["path"] for a in by_kind.get(kind, [])}
-        if "mxnet-symbol-json" in files and "mxnet-params" in files:
-            def mxnet_check(kind=kind, files=files):
-                from .runner import load_mxnet, run_mxnet
+    from .runner import run_artifact
+    from .targets import REDUCED_KINDS
 
-                block = load_mxnet(root / files["mxnet-symbol-json"], root / files["mxnet-params"],
-                                   list(manifest["model"]["inputs"]))
-                comparison = compare_outputs(run_mxnet(block, inputs), reference_outputs, output_names,
+    input_names = list(manifest["model"]["inputs"])
+    for kind in ("mxnet-portable", "mxnet-mkldnn"):
+        if kind in by_kind:
+            def mxnet_check(kind=kind):
+                outputs = run_artifact(root, manifest["artifacts"], kind, inputs, input_names)
+                if outputs is None:
+                    return Check("reload-parity", kind, FAILED, "the manifest lists no symbol/params pair for it")
+                comparison = compare_outputs(outputs, reference_outputs, output_names,
                                              tolerances["rtol"], tolerances["atol"])
                 return Check.from_comparison("reload-parity", kind, comparison)
             timed(mxnet_check)
@@ -196,8 +198,6 @@ def verify_build(build_dir) -> BuildVerification:
                                              compare_outputs(outputs, reference_outputs, output_names, rtol, atol))
             timed(checker)
             timed(parity)
-    from .pipeline import REDUCED_KINDS, run_artifact
-
     for kind in REDUCED_KINDS:
         recorded = root / f"reference/{kind}-outputs.npz"
         if kind not in by_kind:
@@ -207,7 +207,7 @@ def verify_build(build_dir) -> BuildVerification:
             continue
 
         def rerun(kind=kind, recorded=recorded):
-            outputs = run_artifact(root, manifest["artifacts"], kind, inputs, list(manifest["model"]["inputs"]))
+            outputs = run_artifact(root, manifest["artifacts"], kind, inputs, input_names)
             if outputs is None:
                 return Check("rerun-consistency", kind, NOT_RUN, "not run: no CPU runtime for it here")
             with np.load(recorded) as data:
