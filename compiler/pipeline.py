@@ -25,6 +25,7 @@ from . import __version__
 from .errors import MissingDependency, UserError, VerificationFailed
 from .manifest import (MANIFEST_NAME, SCHEMA_VERSION, ArtifactRecord, record_artifact, tool_versions,
                        write_json_atomic)
+from .memory import release_unused_memory
 from .models import LoadedModel, ModelInfo, WeightsRequest, load_model, reference_input, resolve_model
 from .precision import PrecisionRequest
 from .targets import REDUCED_KINDS, TargetSpec
@@ -170,6 +171,7 @@ def _export_mxnet(ctx: BuildContext, prefix: str, **hybridize) -> tuple[str, str
     # static_alloc keeps every activation buffer of the graph alive (~1 GB for
     # deeplab at 480x480); the exported files are all later stages need.
     net._clear_cached_op()
+    release_unused_memory()  # before the reload-parity check allocates a second copy
     return f"{prefix}-symbol.json", f"{prefix}-0000.params"
 
 
@@ -217,6 +219,7 @@ def _onnx_parity(ctx: BuildContext, artifact: str, relative: str, rtol: float, a
     except Exception as exc:  # noqa: BLE001 - any checker complaint is a failed check
         ctx.add_check(Check("onnx-checker", artifact, FAILED, " ".join(str(exc).split())[:300],
                             seconds=time.perf_counter() - started))
+    release_unused_memory()  # the exporter's proto and tensors, before ONNX Runtime's arena
     started = time.perf_counter()
     outputs = run_onnx(ort_session(ctx.staging / relative), ctx.reference_inputs)
     comparison = compare_outputs(outputs, ctx.reference_outputs, ctx.output_names, rtol, atol)
@@ -597,9 +600,7 @@ def _run_stages(ctx: BuildContext, stages: list[Stage], reporter: Reporter, root
             # The network and its weights (1 GB for deeplab) are not needed by
             # the ONNX and TensorRT stages: free them for the exporter's peak.
             ctx.model = None
-            import gc
-
-            gc.collect()
+        release_unused_memory()
         reporter.stage_started(stage.name, index, len(stages))
         started = time.perf_counter()
         parent_key = ctx.keys[stage.parent] if stage.parent else root

@@ -99,6 +99,19 @@ def test_latency_percentiles_are_in_milliseconds():
     assert stats["p99"] == pytest.approx(99.01) and stats["mean"] == pytest.approx(50.5)
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="VmHWM is read from /proc")
+def test_a_workers_peak_memory_is_its_own_not_its_parents():
+    import subprocess
+    import sys
+
+    # Linux hands ru_maxrss down through fork and exec: measured that way, a
+    # worker started by this (now 600 MB larger) process would report >= 600 MB.
+    ballast = np.ones(150_000_000, dtype=np.float32)
+    child = subprocess.run([sys.executable, "-c", "from compiler.bench_worker import peak_rss_mb; print(peak_rss_mb())"],
+                           capture_output=True, text=True, check=True)
+    assert ballast.sum() > 0
+    assert 5 < float(child.stdout) < 300
+
 # --- the CLI on a real build ------------------------------------------------------------------------
 
 def test_bench_measures_every_artifact_side_by_side(capsys, small_builds, tmp_path):
