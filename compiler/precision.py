@@ -455,6 +455,8 @@ def _export_amp(block, input_names: list[str], symbol_path: Path, params_path: P
 
     mx = mxnet()
     symbol = block(*[mx.sym.var(name) for name in input_names])
+    if isinstance(symbol, (list, tuple)):  # several outputs (deeplab's main and auxiliary heads)
+        symbol = mx.sym.Group(list(symbol))
     symbol.save(str(symbol_path), remove_amp_cast=False)
     arguments, auxiliary = set(symbol.list_arguments()), set(symbol.list_auxiliary_states())
     saved = {}
@@ -466,26 +468,56 @@ def _export_amp(block, input_names: list[str], symbol_path: Path, params_path: P
     mx.nd.save(str(params_path), saved)
 
 
+# Ops MXNet 1.9.1's BF16 lists call neutral although they need one input type:
+# a Concat fed by a BF16 branch and an FP32-only branch (deeplab's ASPP image
+# pooling ends in BilinearResize2D) fails type inference. The FP16 lists cast
+# them to the widest input type instead; for BF16 they are kept in FP32.
+_AMP_SINGLE_TYPE_OPS = ("Concat", "concat")
+
+
+def _amp_convert(block, dtype: str):
+    """AMP-convert a FP32 block; returns (converted block, ops forced to FP32 to make it convert)."""
+    from .mxnet_env import mxnet
+
+    mx = mxnet()
+    from mxnet.contrib import amp
+
+    try:
+        with _quiet():
+            return amp.convert_hybrid_block(block, target_dtype=dtype, ctx=mx.cpu(), cast_optional_params=False), []
+    except mx.base.MXNetError as exc:
+        if "Non-uniform data type" not in str(exc):
+            raise
+    # The op-list getters take numpy's dtype object, not the name convert_hybrid_block accepts.
+    list_dtype = amp.amp.bfloat16 if dtype == "bfloat16" else dtype
+    legal = set(amp.list_lp16_fp32_ops(list_dtype))
+    forced = [op for op in _AMP_SINGLE_TYPE_OPS if op in legal]
+    fp32_ops = list(amp.list_fp32_ops(list_dtype)) + forced
+    with _quiet():
+        converted = amp.convert_hybrid_block(block, target_dtype=dtype, fp32_ops=fp32_ops,
+                                             ctx=mx.cpu(), cast_optional_params=False)
+    return converted, forced
+
+
+def _forced_word(forced_fp32: list[str]) -> str:
+    return f" ({'/'.join(forced_fp32)} kept in FP32)" if forced_fp32 else ""
+
+
 def stage_mxnet_amp(ctx, kind: str) -> str:
     from .mxnet_env import mxnet
     from .runner import as_output_list, load_mxnet
     from .verify import NOT_RUN, Check, compare_outputs
 
     mx = mxnet()
-    from mxnet.contrib import amp
-
     dtype = AMP_DTYPES[kind]
     fp32 = load_mxnet(ctx.staging / "mxnet/portable-symbol.json", ctx.staging / "mxnet/portable-0000.params",
                       ctx.input_names)
     prefix = f"mxnet/{dtype.replace('float', 'fp').replace('bfp', 'bf')}"
     symbol_rel, params_rel = f"{prefix}-symbol.json", f"{prefix}-0000.params"
     try:
-        with _quiet():
-            converted = amp.convert_hybrid_block(fp32, target_dtype=dtype, ctx=mx.cpu(), cast_optional_params=False)
+        converted, forced_fp32 = _amp_convert(fp32, dtype)
         _export_amp(converted, ctx.input_names, ctx.path(symbol_rel), ctx.path(params_rel))
     except mx.base.MXNetError as exc:
-        # MXNet 1.9.1's AMP lists leave some graphs with mixed-type inputs
-        # (deeplab's ASPP Concat gets one FP32 branch); nothing here can fix that.
         from .errors import UnsupportedModel
         from .models import mxnet_error_summary
 
@@ -496,13 +528,14 @@ def stage_mxnet_amp(ctx, kind: str) -> str:
     ctx.add_artifact(params_rel, kind, "mxnet-params")
     casts = sum(1 for n in json.loads((ctx.staging / symbol_rel).read_text())["nodes"]
                 if n["op"] in ("amp_cast", "amp_multicast"))
-    ctx.extra.setdefault("amp", {})[kind] = {"target_dtype": dtype, "amp_casts": casts}
+    ctx.extra.setdefault("amp", {})[kind] = {"target_dtype": dtype, "amp_casts": casts,
+                                             "forced_fp32_ops": forced_fp32}
     runnable, reason = amp_runnable_here(kind)
     if not runnable:
         ctx.add_check(Check("reload-parity", kind, NOT_RUN, f"not run: {reason}"))
         ctx.add_check(Check("accuracy-budget", kind, NOT_RUN, f"not run: {reason}"))
         ctx.extra["amp"][kind]["verified"] = f"not run: {reason}"
-        return f"{casts} AMP casts; not run here: {reason}"
+        return f"{casts} AMP casts{_forced_word(forced_fp32)}; not run here: {reason}"
     verify = ctx.target.verify
     reloaded = load_mxnet(ctx.staging / symbol_rel, ctx.staging / params_rel, ctx.input_names)
     outputs = [o.asnumpy().astype(np.float32) for o in
@@ -512,7 +545,7 @@ def stage_mxnet_amp(ctx, kind: str) -> str:
     report = _evaluate(ctx, kind, lambda batch: [o.asnumpy().astype(np.float32)
                                                  for o in as_output_list(reloaded(mx.nd.array(batch)))])
     _record_budget(ctx, report)
-    return f"{casts} AMP casts; reload vs FP32 {parity.status} ({comparison.summary()}); {_budget_word(report, ctx)}"
+    return f"{casts} AMP casts{_forced_word(forced_fp32)}; reload vs FP32 {parity.status} ({comparison.summary()}); {_budget_word(report, ctx)}"
 
 
 def stage_accuracy_report(ctx) -> str:

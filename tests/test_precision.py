@@ -397,6 +397,7 @@ def test_bf16_on_x86_is_built_and_verified_where_the_cpu_can(tmp_path, photos):
     manifest = read_manifest(tmp_path / DIGITS_MODEL / "x86-mkldnn")
     graph = json.loads((tmp_path / DIGITS_MODEL / "x86-mkldnn/mxnet/bf16-symbol.json").read_text())
     assert any(n["op"] == "amp_cast" and n["attrs"]["dtype"] == "bfloat16" for n in graph["nodes"])
+    assert manifest["details"]["amp"]["mxnet-bf16"]["forced_fp32_ops"] == []
     checks = {(c["artifact"], c["name"]): c for c in manifest["verifications"]}
     parity = checks[("mxnet-bf16", "reload-parity")]
     if cpu_supports("avx512_bf16"):
@@ -404,6 +405,67 @@ def test_bf16_on_x86_is_built_and_verified_where_the_cpu_can(tmp_path, photos):
         assert checks[("mxnet-bf16", "accuracy-budget")]["numbers"]["images"] == len(list(photos.iterdir()))
     else:
         assert parity["status"] == "not run" and "avx512_bf16" in parity["detail"]
+
+
+def _pooling_branch_concat_block(tmp_path: Path):
+    """deeplab's ASPP in miniature: a convolution branch concatenated with an
+    image-pooling branch that ends in BilinearResize2D (FP32-only in MXNet's BF16 lists)."""
+    from compiler.mxnet_env import mxnet
+
+    mx = mxnet()
+    nn = mx.gluon.nn
+
+    class PoolingBranchConcat(nn.HybridBlock):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2D(4, 3, padding=1)
+            self.pool_conv = nn.Conv2D(4, 1)
+
+        def hybrid_forward(self, F, x):
+            pooled = self.pool_conv(F.contrib.AdaptiveAvgPooling2D(x, output_size=1))
+            features = self.conv(x)
+            # Two outputs, as deeplab's main and auxiliary heads.
+            return F.concat(features, F.contrib.BilinearResize2D(pooled, height=8, width=8), dim=1), features
+
+    net = PoolingBranchConcat()
+    net.initialize(mx.init.Xavier())
+    net.hybridize()
+    sample = mx.nd.array(np.random.default_rng(0).standard_normal((1, 3, 8, 8)))
+    expected = [out.asnumpy() for out in net(sample)]
+    net.export(str(tmp_path / "aspp"))
+    block = mx.gluon.SymbolBlock.imports(str(tmp_path / "aspp-symbol.json"), ["data"],
+                                         str(tmp_path / "aspp-0000.params"))
+    block(sample)
+    return block, sample, expected
+
+
+def test_bf16_keeps_a_mixed_type_concat_in_fp32_instead_of_refusing(tmp_path):
+    from compiler.mxnet_env import cpu_supports, mxnet
+    from compiler.precision import _amp_convert, _export_amp
+    from compiler.runner import load_mxnet
+
+    mx = mxnet()
+    from mxnet.contrib import amp  # after mxnet(): it sets numpy.bool for MXNet 1.9.1
+    block, sample, expected = _pooling_branch_concat_block(tmp_path)
+    with pytest.raises(mx.base.MXNetError, match="Non-uniform data type in Concat"):
+        amp.convert_hybrid_block(block, target_dtype="bfloat16", ctx=mx.cpu())  # MXNet's own lists
+    converted, forced = _amp_convert(block, "bfloat16")
+    assert "Concat" in forced
+    _export_amp(converted, ["data"], tmp_path / "bf16-symbol.json", tmp_path / "bf16-0000.params")
+    nodes = json.loads((tmp_path / "bf16-symbol.json").read_text())["nodes"]
+    concat = next(n for n in nodes if n["op"] == "Concat")
+    conv_branch, pool_branch = (nodes[i] for i, *_ in concat["inputs"])
+    assert conv_branch["op"] == "amp_cast" and conv_branch["attrs"]["dtype"] == "float32"  # BF16 convolution, cast up
+    assert pool_branch["op"] == "_contrib_BilinearResize2D"  # FP32 already
+    assert any(n["op"] == "amp_cast" and n["attrs"]["dtype"] == "bfloat16" for n in nodes)
+    if cpu_supports("avx512_bf16"):
+        reloaded = load_mxnet(tmp_path / "bf16-symbol.json", tmp_path / "bf16-0000.params", ["data"])
+        got = [out.astype("float32").asnumpy() for out in reloaded(sample)]
+        assert [g.shape for g in got] == [e.shape for e in expected]
+        for g, e in zip(got, expected):
+            assert 0 < np.abs(g - e).max() <= 2e-2 * np.abs(e).max()  # BF16 rounding, no more
+    # A graph MXNet converts as it is keeps MXNet's lists.
+    assert _amp_convert(block, "float16")[1] == []
 
 
 def test_fp16_for_cuda_is_built_and_honestly_not_run_here(tmp_path):
