@@ -73,17 +73,16 @@ def default_plan(quick: bool, precisions: list[str]) -> list[Job]:
     return jobs
 
 
-# `infc compile` that writes its own peak RSS (VmHWM, in kB) on exit. wait4's
+# `infc compile` that writes its own peak RSS (VmHWM, in bytes) on exit. wait4's
 # ru_maxrss would not do: Linux carries it across fork and exec, so it also
 # counts the pages of this script (1.3 GB after a bench) at the fork.
 _COMPILE_REPORTING_PEAK = """
 import atexit, os, sys
+from compiler.memory import own_peak_resident_bytes
 
 def _write_peak():
-    with open("/proc/self/status") as status:
-        kilobytes = next(line.split()[1] for line in status if line.startswith("VmHWM:"))
     with open(os.environ["INFC_BENCH_PEAK_FILE"], "w") as out:
-        out.write(kilobytes)
+        out.write(str(own_peak_resident_bytes()))
 
 atexit.register(_write_peak)
 sys.argv[0] = "infc"
@@ -98,7 +97,7 @@ def compile_in_child(job: Job, out_root: Path, cache_dir: Path) -> dict:
     command = [sys.executable, "-c", _COMPILE_REPORTING_PEAK, "compile", job.model, "--target", job.target,
                "--random-init", "--input-shape", job.shape, "--out", str(out), "--json", *job.flags]
     log = out_root / f"compile-{job.model}-{job.target}-{job.label or 'fp32'}.log"
-    peak_file = log.with_suffix(".peak-kb")
+    peak_file = log.with_suffix(".peak-bytes")
     env = dict(os.environ, INFC_CACHE_DIR=str(cache_dir), PYTHONPATH=str(REPO), INFC_BENCH_PEAK_FILE=str(peak_file))
     started = time.perf_counter()
     with open(log, "w") as stderr, tempfile.TemporaryFile("w+") as stdout:
@@ -110,9 +109,9 @@ def compile_in_child(job: Job, out_root: Path, cache_dir: Path) -> dict:
         text = stdout.read()
     # No file when the child was killed: then only the upper bound is known.
     peak_source = "VmHWM" if peak_file.is_file() else "ru_maxrss (upper bound: includes this script at fork)"
-    peak_kb = int(peak_file.read_text()) if peak_file.is_file() else usage.ru_maxrss
+    peak_bytes = int(peak_file.read_text()) if peak_file.is_file() else usage.ru_maxrss * 1024  # KiB
     record = {"model": job.model, "input_shape": job.shape, "target": job.target, "flags": job.flags,
-              "seconds": seconds, "peak_rss_gb": peak_kb * 1024 / 1e9, "peak_rss_source": peak_source,
+              "seconds": seconds, "peak_rss_gb": peak_bytes / 1e9, "peak_rss_source": peak_source,
               "exit_code": process.returncode, "log": str(log)}
     failed_build = out / job.model / f"{job.target}.failed"
     if process.returncode == VERIFICATION_FAILED and (failed_build / "manifest.json").exists():

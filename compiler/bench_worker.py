@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import resource
 import sys
 import time
 import traceback
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InfcError, MissingDependency, UserError, VerificationFailed
+from .memory import own_peak_resident_bytes
 
 PROGRESS_EVERY_S = 0.5
 
@@ -261,19 +261,8 @@ def rss_mb() -> float:
 
 
 def peak_rss_mb() -> float:
-    """This process's own peak resident set.
-
-    VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork and exec, so a
-    worker started by a 1.3 GB parent reported 1.3 GB for resnet18.
-    """
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024 / 1e6
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6  # KiB on Linux; no /proc
+    """This process's own peak (VmHWM): a worker's parent's size is not the worker's."""
+    return own_peak_resident_bytes() / 1e6
 
 
 # --- tasks ------------------------------------------------------------------------------------
